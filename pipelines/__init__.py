@@ -1,0 +1,1 @@
+"""memzoo jobs: data, training, extrapolation, evaluation, export, benchmarks and the CLI."""

@@ -1,0 +1,141 @@
+"""The ``memzoo`` command line.
+
+    memzoo train CONFIG.yaml [key=value ...]    train (resumes from the run's latest checkpoint)
+    memzoo eval RUN [--suite NAME]              held-out perplexity (and synthetic tasks)
+    memzoo demo [CONFIG.yaml] [key=value ...]   train + evaluate + sample + report
+    memzoo report RUN                           (re)write RUN/report.md
+    memzoo bench attention|memory               kernel speed and memory tables
+    memzoo models                               list registered model families and presets
+    memzoo check CONFIG.yaml [key=value ...]    validate a config and print it resolved
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipelines.config import ConfigError
+
+DEFAULT_DEMO = "configs/demo.yaml"
+
+
+def _train(args) -> int:
+  from pipelines import config as config_lib
+  from pipelines.train import train
+
+  exp = config_lib.load(args.config, args.overrides)
+  result = train(exp)
+  last = result.history[-1] if result.history else {}
+  print(f"finished step {result.step} in {result.run_dir}: " + json.dumps(last))
+  return 0
+
+
+def _check(args) -> int:
+  from pipelines import config as config_lib
+
+  exp = config_lib.load(args.config, args.overrides)
+  import yaml
+
+  print(yaml.safe_dump(exp.to_dict(), sort_keys=False))
+  return 0
+
+
+def _eval(args) -> int:
+  from pipelines import evaluate
+
+  result = evaluate.heldout(args.run, batches=args.batches)
+  out = Path(args.run) / "eval.json"
+  out.write_text(json.dumps(result, indent=2))
+  for k, v in result.items():
+    print(f"{k:28s} {v}")
+  return 0
+
+
+def _demo(args) -> int:
+  from pipelines import demo
+
+  path = demo.run(args.config, args.overrides)
+  print(f"report: {path}")
+  return 0
+
+
+def _report(args) -> int:
+  from pipelines import demo
+
+  print(f"report: {demo.write_report(args.run)}")
+  return 0
+
+
+def _models(args) -> int:
+  import zoo
+
+  for name in zoo.list_models():
+    fam = zoo.family(name)
+    print(f"{name:18s} presets={sorted(zoo.presets(name))}  {fam.description}")
+  return 0
+
+
+def _bench(args) -> int:
+  if args.what == "attention":
+    from pipelines import bench_attention as bench
+  elif args.what == "memory":
+    from pipelines import bench_memory as bench
+  else:
+    raise ConfigError(f"unknown benchmark {args.what!r}")
+  rows = bench.run_cli(args.rest) if hasattr(bench, "run_cli") else None
+  if rows is None:
+    fn = getattr(bench, f"bench_{args.what}")
+    rows = fn()
+  print(bench.format_table(rows))
+  return 0
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="memzoo", description=__doc__.split("\n")[0])
+  sub = p.add_subparsers(dest="command", required=True)
+  t = sub.add_parser("train", help="train from a YAML config")
+  t.add_argument("config")
+  t.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=60")
+  t.set_defaults(fn=_train)
+  c = sub.add_parser("check", help="validate a config and print it resolved")
+  c.add_argument("config")
+  c.add_argument("overrides", nargs="*")
+  c.set_defaults(fn=_check)
+  e = sub.add_parser("eval", help="evaluate a run")
+  e.add_argument("run")
+  e.add_argument("--batches", type=int, default=None)
+  e.set_defaults(fn=_eval)
+  d = sub.add_parser("demo", help="train, evaluate, sample and write a report")
+  d.add_argument("config", nargs="?", default=DEFAULT_DEMO)
+  d.add_argument("overrides", nargs="*")
+  d.set_defaults(fn=_demo)
+  r = sub.add_parser("report", help="write RUN/report.md")
+  r.add_argument("run")
+  r.set_defaults(fn=_report)
+  m = sub.add_parser("models", help="list model families")
+  m.set_defaults(fn=_models)
+  b = sub.add_parser("bench", help="kernel benchmarks")
+  b.add_argument("what", choices=["attention", "memory"])
+  b.add_argument("rest", nargs=argparse.REMAINDER)
+  b.set_defaults(fn=_bench)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  args = parser().parse_args(argv)
+  try:
+    return args.fn(args)
+  except ConfigError as e:
+    print(f"memzoo: config error: {e}", file=sys.stderr)
+    return 2
+  except (FileNotFoundError, ValueError) as e:
+    print(f"memzoo: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,305 @@
+"""Experiment configs: YAML files validated into typed dataclasses before any compute.
+
+An experiment has five sections, ``model``, ``data``, ``train``, ``eval`` and ``mesh``, plus
+``run_dir`` and ``seed``. ``model`` names a family and a preset, and any other key overrides a
+field of that family's config. ``key=value`` overrides on the command line use dotted paths
+(``train.steps=60``, ``model.d_model=64``); values are parsed as YAML scalars. Loading uses
+``yaml.safe_load`` only, so a config never executes code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+
+import zoo
+from zoo.configbase import closest, config_dataclass, field_names
+
+
+class ConfigError(ValueError):
+  """A config problem, naming the key and the file."""
+
+
+@config_dataclass
+class DataConfig:
+  """Where training text comes from and how it is cut.
+
+  Attributes:
+    source: ``stdlib`` (the running Python's standard library sources, no download), ``text``
+      (local ``.txt``/``.py``/``.md`` files or folders), or ``jsonl`` (one JSON object per line).
+    paths: files or folders for ``text`` / ``jsonl``.
+    jsonl_field: the text field of each JSONL record.
+    seq_len: tokens per training sequence.
+    batch_size: sequences per optimizer step (global).
+    heldout_fraction: fraction of documents kept out of training, chosen by hash of the path.
+    max_documents: cap on documents read (0 = all).
+    num_workers: grain worker processes (0 = in-process).
+  """
+
+  source: Literal["stdlib", "text", "jsonl"] = "stdlib"
+  paths: tuple[str, ...] = ()
+  jsonl_field: str = "text"
+  seq_len: int = 256
+  batch_size: int = 16
+  heldout_fraction: float = 0.02
+  max_documents: int = 0
+  num_workers: int = 0
+
+  def __post_init__(self):
+    if self.seq_len < 2:
+      raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    if not 0.0 < self.heldout_fraction < 1.0:
+      raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+    if self.source != "stdlib" and not self.paths:
+      raise ValueError(f"source={self.source!r} needs paths")
+
+
+@config_dataclass
+class TrainConfig:
+  """The optimisation loop.
+
+  Attributes:
+    steps: total optimizer steps.
+    lr: peak learning rate; warmup_steps of linear warmup then cosine decay to lr * min_lr_ratio.
+    grad_accum: micro-batches per step (batch_size must be divisible by it).
+    compute_dtype: activations dtype (parameters and optimizer state stay float32).
+    remat: recompute each block's activations in the backward pass.
+    on_nonfinite: ``stop`` (raise, no checkpoint) or ``skip`` (drop the update).
+    checkpoint_every / keep_checkpoints: Orbax checkpoint cadence and retention.
+    log_every / eval_every / eval_batches: metrics cadence and held-out batches per eval.
+  """
+
+  steps: int = 200
+  lr: float = 3e-3
+  warmup_steps: int = 20
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  grad_accum: int = 1
+  compute_dtype: Literal["float32", "bfloat16"] = "float32"
+  remat: bool = False
+  on_nonfinite: Literal["stop", "skip"] = "stop"
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  async_checkpoint: bool = True
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 4
+  progress: bool = True
+
+  def __post_init__(self):
+    for name in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.lr <= 0:
+      raise ValueError(f"lr must be > 0, got {self.lr}")
+    if self.warmup_steps < 0 or self.eval_every < 0 or self.eval_batches < 0:
+      raise ValueError("warmup_steps, eval_every and eval_batches must be >= 0")
+
+
+@config_dataclass
+class EvalConfig:
+  """Evaluation after training (``memzoo eval`` and the demo report).
+
+  Attributes:
+    batches: held-out batches for loss / bits-per-byte.
+    sample_tokens: tokens sampled for the report (0 = none).
+    sample_prompt: the prompt for sampling.
+    temperature: sampling temperature (0 = greedy).
+  """
+
+  batches: int = 16
+  sample_tokens: int = 200
+  sample_prompt: str = "def "
+  temperature: float = 0.8
+
+  def __post_init__(self):
+    if self.batches < 1 or self.sample_tokens < 0 or self.temperature < 0:
+      raise ValueError("eval.batches >= 1, sample_tokens >= 0 and temperature >= 0 are required")
+
+
+@config_dataclass
+class MeshConfig:
+  """Device mesh: sizes of the ``data``, ``fsdp``, ``tensor`` and ``context`` axes.
+
+  -1 on one axis means "all remaining devices". The product must equal the device count.
+  """
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  context: int = 1
+
+
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "mesh": MeshConfig}
+TOP_LEVEL = ("model", "run_dir", "seed", *SECTIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A validated experiment: ``model`` is the family's config dataclass."""
+
+  model: Any
+  data: DataConfig
+  train: TrainConfig
+  eval: EvalConfig
+  mesh: MeshConfig
+  run_dir: str
+  seed: int
+  source: str = "<dict>"
+
+  def to_dict(self) -> dict[str, Any]:
+    out = {"model": dataclasses.asdict(self.model)}
+    out["model"] = {"name": out["model"].pop("family"), **out["model"]}
+    for name in SECTIONS:
+      out[name] = dataclasses.asdict(getattr(self, name))
+    out["run_dir"] = self.run_dir
+    out["seed"] = self.seed
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+  """``["train.steps=60", "model.d_model=64"]`` -> nested dict; values parsed as YAML."""
+  out: dict[str, Any] = {}
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+      if not isinstance(node, dict):
+        raise ConfigError(f"override {item!r} conflicts with another override of {p!r}")
+    node[parts[-1]] = value
+  return out
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+  out = dict(base)
+  for k, v in over.items():
+    if isinstance(v, dict) and isinstance(out.get(k), dict):
+      out[k] = merge(out[k], v)
+    else:
+      out[k] = v
+  return out
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+  """Reads, merges overrides into, and validates a YAML experiment file."""
+  path = Path(path)
+  if not path.is_file():
+    raise ConfigError(f"config file not found: {path}")
+  try:
+    raw = yaml.safe_load(path.read_text()) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path}: not valid YAML: {e}") from None
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{path}: the top level must be a mapping of sections")
+  raw = merge(raw, parse_overrides(overrides or []))
+  return from_dict(raw, source=str(path))
+
+
+def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Experiment:
+  """Validates a nested dict into an :class:`Experiment`; errors name the key and ``source``."""
+  for key in raw:
+    if key not in TOP_LEVEL:
+      _unknown(source, key, key, list(TOP_LEVEL))
+  sections = {}
+  for name, cls in SECTIONS.items():
+    sections[name] = _section(source, name, cls, raw.get(name) or {})
+  model = _model(source, raw.get("model") or {})
+  run_dir = raw.get("run_dir", "runs/default")
+  seed = raw.get("seed", 0)
+  if not isinstance(run_dir, str) or not run_dir:
+    raise ConfigError(f"{source}: run_dir must be a non-empty string, got {run_dir!r}")
+  if not isinstance(seed, int) or isinstance(seed, bool):
+    raise ConfigError(f"{source}: seed must be an integer, got {seed!r}")
+  exp = Experiment(model=model, run_dir=run_dir, seed=seed, source=source, **sections)
+  _cross_checks(exp)
+  return exp
+
+
+def _cross_checks(exp: Experiment) -> None:
+  if exp.data.batch_size % exp.train.grad_accum:
+    raise ConfigError(
+      f"{exp.source}: train.grad_accum={exp.train.grad_accum} must divide "
+      f"data.batch_size={exp.data.batch_size}"
+    )
+  vocab = getattr(exp.model, "vocab_size", None)
+  from pipelines.data.tokenizer import VOCAB_SIZE
+
+  if vocab is not None and vocab < VOCAB_SIZE:
+    raise ConfigError(
+      f"{exp.source}: model.vocab_size={vocab} is smaller than the byte tokenizer's "
+      f"{VOCAB_SIZE} ids; token ids would fall outside the vocabulary"
+    )
+
+
+def _unknown(source: str, path: str, key: str, valid: list[str]) -> None:
+  hint = closest(key, valid)
+  prefix = path[: len(path) - len(key)]
+  suffix = f"; did you mean {prefix + hint!r}?" if hint else f"; valid keys: {sorted(valid)}"
+  raise ConfigError(f"{source}: unknown key {path!r}{suffix}")
+
+
+def _section(source: str, name: str, cls: type, values: Any) -> Any:
+  if not isinstance(values, dict):
+    raise ConfigError(f"{source}: section {name!r} must be a mapping, got {values!r}")
+  valid = field_names(cls)
+  for key in values:
+    if key not in valid:
+      _unknown(source, f"{name}.{key}", key, valid)
+  try:
+    return cls(**values)
+  except pydantic.ValidationError as e:
+    raise ConfigError(_explain(source, name, e)) from None
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{source}: {name}: {e}") from None
+
+
+def _model(source: str, values: Any) -> Any:
+  if not isinstance(values, dict):
+    raise ConfigError(f"{source}: section 'model' must be a mapping")
+  values = dict(values)
+  name = values.pop("name", "transformer")
+  preset = values.pop("preset", "tiny")
+  try:
+    cfg = zoo.presets(name)
+  except ValueError as e:
+    raise ConfigError(f"{source}: model.name: {e}") from None
+  if preset not in cfg:
+    _unknown(source, "model.preset", preset, list(cfg))
+  valid = field_names(cfg[preset]())
+  for key in values:
+    if key not in valid or key == "family":
+      _unknown(source, f"model.{key}", key, [v for v in valid if v != "family"] + ["name", "preset"])
+  try:
+    return zoo.config(name, preset, **values)
+  except pydantic.ValidationError as e:
+    raise ConfigError(_explain(source, "model", e)) from None
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{source}: model: {e}") from None
+
+
+def _explain(source: str, section: str, err: pydantic.ValidationError) -> str:
+  lines = []
+  for e in err.errors():
+    loc = ".".join(str(x) for x in e["loc"] if x != "__post_init__")
+    key = f"{section}.{loc}" if loc else section
+    lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+  return f"{source}: invalid config:\n  " + "\n  ".join(lines)
+
+
+def dump(exp: Experiment, path: str | Path) -> None:
+  """Writes the resolved config as YAML (what the run actually used)."""
+  Path(path).write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))

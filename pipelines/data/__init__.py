@@ -1,0 +1,1 @@
+"""Data: corpora, the byte tokenizer, packing into fixed-length sequences, grain loaders."""

@@ -1,0 +1,83 @@
+"""The grain pipelines used by training and evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from pipelines.config import DataConfig
+from pipelines.data import corpus as corpora
+from pipelines.data.packing import PackedSequences, check_vocab, pack, unigram_bits_per_byte
+from pipelines.data.tokenizer import ByteTokenizer
+
+
+@dataclasses.dataclass
+class Data:
+  train: PackedSequences
+  heldout: PackedSequences
+  manifest: dict[str, Any]
+  tokenizer: ByteTokenizer
+
+
+def load_corpus(cfg: DataConfig) -> corpora.Corpus:
+  if cfg.source == "stdlib":
+    return corpora.stdlib_corpus(cfg.max_documents)
+  if cfg.source == "text":
+    return corpora.text_corpus(cfg.paths, cfg.max_documents)
+  return corpora.jsonl_corpus(cfg.paths, cfg.jsonl_field, cfg.max_documents)
+
+
+def build(cfg: DataConfig, vocab_size: int) -> Data:
+  """Reads the corpus, splits it, packs both sides and checks ids against ``vocab_size``."""
+  tok = ByteTokenizer()
+  corpus = load_corpus(cfg)
+  train_docs, heldout_docs = corpus.split(cfg.heldout_fraction)
+  train_tokens, train_docids = pack(train_docs, tok)
+  heldout_tokens, heldout_docids = pack(heldout_docs, tok)
+  check_vocab(train_tokens, vocab_size, "training data")
+  check_vocab(heldout_tokens, vocab_size, "held-out data")
+  train = PackedSequences(train_tokens, train_docids, cfg.seq_len)
+  heldout = PackedSequences(heldout_tokens, heldout_docids, cfg.seq_len)
+  manifest = dict(corpus.manifest)
+  manifest.update(
+    train_documents=len(train_docs),
+    heldout_documents=len(heldout_docs),
+    train_tokens=int(len(train_tokens)),
+    heldout_tokens=int(len(heldout_tokens)),
+    train_sequences=len(train),
+    heldout_sequences=len(heldout),
+    unigram_bits_per_byte=unigram_bits_per_byte(train_tokens, heldout, 64),
+  )
+  return Data(train, heldout, manifest, tok)
+
+
+def train_dataset(source: PackedSequences, batch_size: int, seed: int) -> grain.IterDataset:
+  """Shuffled, repeated, batched; this process's share of every global batch.
+
+  The order depends only on ``seed``; the iterator's ``get_state()`` is saved with checkpoints.
+  """
+  n_proc, proc = jax.process_count(), jax.process_index()
+  if batch_size % n_proc:
+    raise ValueError(f"data.batch_size={batch_size} must be divisible by {n_proc} processes")
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if n_proc > 1:
+    ds = ds.map(lambda b: {k: v[proc::n_proc] for k, v in b.items()})
+  return ds.to_iter_dataset()
+
+
+def heldout_batches(source: PackedSequences, batch_size: int, n: int) -> list[dict[str, np.ndarray]]:
+  """The first ``n`` held-out batches in order (the same every evaluation)."""
+  out = []
+  for b in range(n):
+    items = [source[i] for i in range(b * batch_size, (b + 1) * batch_size) if i < len(source)]
+    if len(items) < batch_size:
+      break
+    out.append({k: np.stack([it[k] for it in items]) for k in items[0]})
+  if not out:
+    raise ValueError(f"held-out split has {len(source)} sequences: fewer than one batch")
+  return out

@@ -1,0 +1,87 @@
+"""Packing documents into fixed-length sequences with segment ids.
+
+Documents become ``[BOS] bytes [EOS]`` and are concatenated into one stream; sequence ``i`` is
+the window ``[i L, (i + 1) L + 1)`` of that stream, so every token is predicted exactly once.
+``segment_ids`` number the documents inside a window from 1, so attention never crosses a
+document boundary, and ``loss_mask`` drops the one target per boundary that belongs to the next
+document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from pipelines.data.corpus import Document
+from pipelines.data.tokenizer import ByteTokenizer
+
+
+def pack(documents: Sequence[Document], tokenizer: ByteTokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (tokens ``[N]`` uint16, document index ``[N]`` int32) of the concatenated stream."""
+  if not documents:
+    raise ValueError("no documents to pack")
+  pieces = [tokenizer.encode(d.text, bos=True, eos=True) for d in documents]
+  tokens = np.concatenate(pieces).astype(np.uint16)
+  doc_ids = np.repeat(np.arange(len(pieces), dtype=np.int32), [len(p) for p in pieces])
+  return tokens, doc_ids
+
+
+def check_vocab(tokens: np.ndarray, vocab_size: int, what: str = "data") -> None:
+  """Token ids must index the model's embedding table."""
+  if tokens.size and (int(tokens.max()) >= vocab_size or int(tokens.min()) < 0):
+    raise ValueError(
+      f"{what}: token ids span [{int(tokens.min())}, {int(tokens.max())}] but the model's "
+      f"vocab_size is {vocab_size}"
+    )
+
+
+class PackedSequences:
+  """A grain random-access source of packed training sequences.
+
+  Each item: ``inputs, targets, segment_ids [L]`` int32 and ``loss_mask [L]`` float32.
+  """
+
+  def __init__(self, tokens: np.ndarray, doc_ids: np.ndarray, seq_len: int):
+    if len(tokens) != len(doc_ids):
+      raise ValueError("tokens and doc_ids differ in length")
+    self.tokens, self.doc_ids, self.seq_len = tokens, doc_ids, seq_len
+    self._len = (len(tokens) - 1) // seq_len
+    if self._len < 1:
+      raise ValueError(f"only {len(tokens)} tokens: too few for one sequence of {seq_len}")
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    if not 0 <= index < self._len:
+      raise IndexError(index)
+    lo = index * self.seq_len
+    window = self.tokens[lo : lo + self.seq_len + 1].astype(np.int32)
+    docs = self.doc_ids[lo : lo + self.seq_len + 1]
+    seg = (docs - docs[0] + 1).astype(np.int32)
+    return {
+      "inputs": window[:-1],
+      "targets": window[1:],
+      "segment_ids": seg[:-1],
+      "loss_mask": (seg[:-1] == seg[1:]).astype(np.float32),
+    }
+
+  def __repr__(self) -> str:
+    return f"PackedSequences(n={self._len}, seq_len={self.seq_len})"
+
+
+def unigram_bits_per_byte(train_tokens: np.ndarray, heldout: PackedSequences, n: int) -> float:
+  """Bits per byte of a unigram model fitted on the training stream (add-one smoothing),
+  measured on the first ``n`` held-out sequences: the baseline a model must beat."""
+  counts = np.bincount(train_tokens, minlength=int(train_tokens.max()) + 1).astype(np.float64) + 1
+  logp = np.log2(counts / counts.sum())
+  bits, nbytes = 0.0, 0
+  for i in range(min(n, len(heldout))):
+    ex = heldout[i]
+    m = ex["loss_mask"] > 0
+    t = ex["targets"][m]
+    t = t[t < len(logp)]
+    bits -= float(logp[t].sum())
+    nbytes += int((t < 256).sum())
+  return bits / max(nbytes, 1)

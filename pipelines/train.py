@@ -1,0 +1,255 @@
+"""``memzoo train``: one readable loop from config to checkpoints.
+
+The model is split once into a graph definition and its parameters; the train step is a plain
+``jax.jit`` function of (params, optimizer state, batch). Read it top to bottom in ``train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+import zoo
+from pipelines import config as config_lib
+from pipelines import sharding
+from pipelines.checkpoint import Checkpointer, abstract
+from pipelines.data import loader
+from pipelines.metrics import MetricsWriter
+from pipelines.optim import optimizer, schedule
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient norm became NaN/inf; the run stops without checkpointing it."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  params: Any
+  graphdef: Any
+  history: list[dict[str, Any]]
+  run_dir: Path
+
+
+def build_model(exp: config_lib.Experiment, compute_dtype: str | None = None):
+  """The model of an experiment with the train compute dtype applied; returns (graphdef, params,
+  rest) where ``params`` is the ``nnx.Param`` state."""
+  cfg = exp.model
+  if compute_dtype and hasattr(cfg, "dtype"):
+    cfg = dataclasses.replace(cfg, dtype=compute_dtype)
+  model = zoo.build(cfg, rngs=nnx.Rngs(exp.seed))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, rest
+
+
+def loss_fn(graphdef, params, rest, batch, remat: bool = False):
+  """Mean next-token cross-entropy over ``loss_mask``; returns (loss, (sum_nats, count))."""
+  model = nnx.merge(graphdef, params, rest)
+  if remat and hasattr(model, "remat"):
+    model.remat = True
+  logits, _ = model(batch["inputs"], segment_ids=batch["segment_ids"])
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  mask = batch["loss_mask"]
+  total = jnp.sum(nll * mask)
+  count = jnp.sum(mask)
+  return total / jnp.maximum(count, 1.0), (total, count)
+
+
+def make_train_step(graphdef, rest, tx: optax.GradientTransformation, cfg: config_lib.TrainConfig):
+  """A jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)``.
+
+  With ``grad_accum > 1`` the batch is split into micro-batches whose gradients are averaged
+  (weighted by their token counts) in a ``lax.scan``: one optimizer update per step.
+  """
+  grad_fn = jax.value_and_grad(
+    lambda p, b: loss_fn(graphdef, p, rest, b, cfg.remat)[1][0], has_aux=False
+  )
+
+  def micro(params, batch):
+    total, grads = grad_fn(params, batch)
+    return total, jnp.sum(batch["loss_mask"]), grads
+
+  def step(params, opt_state, batch):
+    if cfg.grad_accum == 1:
+      total, count, grads = micro(params, batch)
+    else:
+      split = jax.tree.map(
+        lambda x: x.reshape(cfg.grad_accum, x.shape[0] // cfg.grad_accum, *x.shape[1:]), batch
+      )
+
+      def body(carry, mb):
+        t, c, g = micro(params, mb)
+        return jax.tree.map(jnp.add, carry, (t, c, g)), None
+
+      zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+      (total, count, grads), _ = jax.lax.scan(body, zeros, split)
+    count = jnp.maximum(count, 1.0)
+    loss = total / count
+    grads = jax.tree.map(lambda g: g / count, grads)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    # A non-finite step never changes the state (the host then stops or skips, by config).
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    params = keep(new_params, params)
+    opt_state = keep(new_opt_state, opt_state)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": count}
+    return params, opt_state, metrics
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_eval_step(graphdef, rest):
+  @jax.jit
+  def step(params, batch):
+    _, (total, count) = loss_fn(graphdef, params, rest, batch)
+    return total, count
+
+  return step
+
+
+def evaluate_loss(eval_step, params, batches, to_device=lambda b: b) -> dict[str, float]:
+  """Held-out loss (nats/token) and bits per byte over fixed batches."""
+  total = count = nbytes = 0.0
+  for b in batches:
+    t, c = eval_step(params, to_device(b))
+    total += float(t)
+    count += float(c)
+    nbytes += float(np.sum((b["loss_mask"] > 0) & (b["targets"] < 256)))
+  loss = total / max(count, 1.0)
+  return {"loss": loss, "bits_per_byte": total / math.log(2) / max(nbytes, 1.0)}
+
+
+def train(
+  exp: config_lib.Experiment,
+  *,
+  on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+  """Trains ``exp`` in ``exp.run_dir``, resuming from its newest checkpoint if there is one.
+
+  Args:
+    exp: the validated experiment.
+    on_step: called after every step with (step, metrics) on the host; tests use it to
+      interrupt a run.
+  """
+  cfg = exp.train
+  run_dir = Path(exp.run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  config_lib.dump(exp, run_dir / "config.yaml")
+
+  # Data: the corpus manifest is part of the run's record.
+  data = loader.build(exp.data, vocab_size=exp.model.vocab_size)
+  (run_dir / "data.json").write_text(json.dumps(data.manifest, indent=2))
+
+  # Model, optimizer and mesh.
+  mesh = sharding.make_mesh(exp.mesh)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (exp.data.batch_size // cfg.grad_accum) % shards:
+    raise config_lib.ConfigError(
+      f"{exp.source}: data.batch_size={exp.data.batch_size} / train.grad_accum={cfg.grad_accum} "
+      f"must be divisible by the mesh's data x fsdp = {shards} devices (set mesh.data)"
+    )
+  graphdef, params, rest = build_model(exp, cfg.compute_dtype)
+  params = sharding.shard_params(params, mesh)
+  tx = optimizer(cfg)
+  opt_state = sharding.place_state(tx.init(params), mesh)
+  train_step = make_train_step(graphdef, rest, tx, cfg)
+  eval_step = make_eval_step(graphdef, rest)
+  put = lambda b: sharding.shard_batch(b, mesh)
+
+  # Resume: parameters, optimizer and data iterator come back together.
+  ckpt = Checkpointer(run_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
+  it = iter(loader.train_dataset(data.train, exp.data.batch_size, exp.seed))
+  start = 0
+  if ckpt.latest_step() is not None:
+    start, state, data_state, _ = ckpt.restore(abstract({"params": params, "opt": opt_state}))
+    params, opt_state = state["params"], sharding.place_state(state["opt"], mesh)
+    if data_state is not None:
+      it.set_state(data_state)
+  metrics_out = MetricsWriter(run_dir, resume_step=start)
+  heldout = loader.heldout_batches(data.heldout, exp.data.batch_size, max(cfg.eval_batches, 1))
+
+  lr_at = schedule(cfg)
+  history: list[dict[str, Any]] = []
+  bar = tqdm(
+    total=cfg.steps, initial=start, desc=f"train {exp.model.family}", disable=not cfg.progress,
+    dynamic_ncols=True,
+  )
+  last_time, last_tokens, skipped = time.perf_counter(), 0.0, 0
+  try:
+    for step in range(start + 1, cfg.steps + 1):
+      batch = next(it)
+      params, opt_state, m = train_step(params, opt_state, put(batch))
+      finite = bool(m["finite"])
+      if not finite:
+        if cfg.on_nonfinite == "stop":
+          raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
+            f"grad_norm={float(m['grad_norm'])}); stopping without a checkpoint. Lower train.lr, "
+            "or set train.on_nonfinite=skip to drop such steps."
+          )
+        skipped += 1
+      last_tokens += float(m["tokens"])
+      record = None
+      if step % cfg.log_every == 0 or step == cfg.steps:
+        now = time.perf_counter()
+        record = {
+          "loss": float(m["loss"]),
+          "grad_norm": float(m["grad_norm"]),
+          "lr": float(lr_at(step - 1)),
+          "tokens_per_s": last_tokens / max(now - last_time, 1e-9),
+          "skipped_steps": skipped,
+        }
+        last_time, last_tokens = now, 0.0
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+      if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+        ev = evaluate_loss(eval_step, params, heldout[: cfg.eval_batches or 1], put)
+        record = {**(record or {}), "eval_loss": ev["loss"], "eval_bits_per_byte": ev["bits_per_byte"]}
+      if record is not None:
+        metrics_out.write(step, **record)
+        history.append({"step": step, **record})
+      if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        ckpt.save(
+          step,
+          {"params": params, "opt": opt_state},
+          it.get_state(),
+          {"step": step, "model": exp.model.family},
+        )
+      bar.update(1)
+      if on_step is not None:
+        on_step(step, {"loss": float(m["loss"])})
+  finally:
+    bar.close()
+    ckpt.close()
+    metrics_out.close()
+  return TrainResult(cfg.steps, params, graphdef, history, run_dir)
+
+
+def load_run(run_dir: str | Path, step: int | None = None):
+  """(experiment, model with trained parameters, step) of a run directory."""
+  run_dir = Path(run_dir)
+  exp = config_lib.load(run_dir / "config.yaml")
+  graphdef, params, rest = build_model(exp)
+  ckpt = Checkpointer(run_dir, async_save=False)
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"{run_dir} has no checkpoint")
+    tx = optimizer(exp.train)
+    target = abstract({"params": params, "opt": tx.init(params)})
+    s, state, _, _ = ckpt.restore(target, step)
+  finally:
+    ckpt.close()
+  model = nnx.merge(graphdef, state["params"], rest)
+  return exp, model, s
