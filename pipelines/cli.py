@@ -1,10 +1,11 @@
 """The ``memzoo`` command line.
 
     memzoo train CONFIG.yaml [key=value ...]    train (resumes from the run's latest checkpoint)
-    memzoo eval RUN [--suite NAME]              held-out perplexity (and synthetic tasks)
+    memzoo eval RUN [--suite NAME]              held-out perplexity and synthetic tasks
+    memzoo extrapolate RUN [--factors ...]      loss by position/length, passkey grids, RoPE variants
     memzoo demo [CONFIG.yaml] [key=value ...]   train + evaluate + sample + report
     memzoo report RUN                           (re)write RUN/report.md
-    memzoo bench attention|memory               kernel speed and memory tables
+    memzoo bench attention|memory|model         kernel and model speed/memory tables
     memzoo models                               list registered model families and presets
     memzoo check CONFIG.yaml [key=value ...]    validate a config and print it resolved
 """
@@ -44,13 +45,26 @@ def _check(args) -> int:
 
 
 def _eval(args) -> int:
-  from pipelines import evaluate
+  from pipelines import eval_suite
 
-  result = evaluate.heldout(args.run, batches=args.batches)
-  out = Path(args.run) / "eval.json"
-  out.write_text(json.dumps(result, indent=2))
-  for k, v in result.items():
-    print(f"{k:28s} {v}")
+  out = eval_suite.run(args.run, args.suite, n=args.examples, batches=args.batches)
+  print(eval_suite.format_rows(out))
+  return 0
+
+
+def _extrapolate(args) -> int:
+  from pipelines import extrapolate
+
+  factors = tuple(float(x) for x in args.factors.split(","))
+  variants = tuple(args.variants.split(","))
+  res = extrapolate.run(
+    args.run, factors=factors, variants=variants, windows=args.windows,
+    passkey_examples=args.passkey_examples,
+  )
+  for name, v in res["variants"].items():
+    losses = "  ".join(f"{n}:{p['mean_loss']:.3f}" for n, p in v["perplexity"].items())
+    print(f"{name:14s} loss by length  {losses}")
+  print(f"wrote {Path(args.run) / 'extrapolation.json'} and report.md")
   return 0
 
 
@@ -83,6 +97,8 @@ def _bench(args) -> int:
     from pipelines import bench_attention as bench
   elif args.what == "memory":
     from pipelines import bench_memory as bench
+  elif args.what == "model":
+    from pipelines import bench_model as bench
   else:
     raise ConfigError(f"unknown benchmark {args.what!r}")
   rows = bench.run_cli(args.rest) if hasattr(bench, "run_cli") else None
@@ -104,10 +120,22 @@ def parser() -> argparse.ArgumentParser:
   c.add_argument("config")
   c.add_argument("overrides", nargs="*")
   c.set_defaults(fn=_check)
-  e = sub.add_parser("eval", help="evaluate a run")
+  e = sub.add_parser("eval", help="evaluate a run: held-out perplexity and synthetic tasks")
   e.add_argument("run")
-  e.add_argument("--batches", type=int, default=None)
+  e.add_argument("--suite", default="all", choices=["heldout", "synthetic", "all"])
+  e.add_argument("--examples", type=int, default=32, help="examples per synthetic task")
+  e.add_argument("--batches", type=int, default=None, help="held-out batches")
   e.set_defaults(fn=_eval)
+  x = sub.add_parser("extrapolate", help="loss by position/length and passkey grids beyond L")
+  x.add_argument("run")
+  x.add_argument("--factors", default="1,2,4,8,16", help="lengths as multiples of training L")
+  x.add_argument(
+    "--variants", default="none,ntk,yarn,sinks_window",
+    help="none, linear, ntk, dynamic_ntk, yarn, abf, truncated, window, sinks_window",
+  )
+  x.add_argument("--windows", type=int, default=4, help="held-out windows per length")
+  x.add_argument("--passkey-examples", type=int, default=8)
+  x.set_defaults(fn=_extrapolate)
   d = sub.add_parser("demo", help="train, evaluate, sample and write a report")
   d.add_argument("config", nargs="?", default=DEFAULT_DEMO)
   d.add_argument("overrides", nargs="*")
@@ -118,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
   m = sub.add_parser("models", help="list model families")
   m.set_defaults(fn=_models)
   b = sub.add_parser("bench", help="kernel benchmarks")
-  b.add_argument("what", choices=["attention", "memory"])
+  b.add_argument("what", choices=["attention", "memory", "model"])
   b.add_argument("rest", nargs=argparse.REMAINDER)
   b.set_defaults(fn=_bench)
   return p

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import zoo
+from tests.zoo.helpers import decode_all, forward_fn, step_fn
 from zoo.layers.rope import RopeScaling
 
 # Float32 model; differences come only from summation order (blockwise vs dense attention).
@@ -45,11 +46,10 @@ def test_params_carry_logical_axes():
 
 @pytest.mark.parametrize("window", [None, 5])
 def test_causal(window):
-  model = zoo.build(tiny(window=window, sinks=2 if window else 0), rngs=0)
+  f = forward_fn(zoo.build(tiny(window=window, sinks=2 if window else 0), rngs=0))
   x = tokens(0, 2, 24)
   y = x.at[:, 13].set((x[:, 13] + 1) % 260)
-  a, _ = model(x)
-  b, _ = model(y)
+  a, b = f(x), f(y)
   np.testing.assert_allclose(a[:, :13], b[:, :13], atol=1e-6)
   assert np.abs(np.asarray(a[:, 13:] - b[:, 13:])).max() > 1e-4
 
@@ -58,44 +58,35 @@ def test_causal(window):
 def test_decode_matches_forward(cfg_kw):
   model = zoo.build(tiny(**cfg_kw), rngs=1)
   x = tokens(1, 2, 20)
-  full, _ = model(x)
-  state = model.init_state(2, 32)
+  full = forward_fn(model)(x)
   # Prefill a chunk, then one token at a time.
-  logits, state = model.step(x[:, :7], state)
-  outs = [logits]
-  for t in range(7, 20):
-    logits, state = model.step(x[:, t : t + 1], state)
-    outs.append(logits)
-  np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=ATOL)
+  stepped, state = decode_all(model, x, 32, prefill=7)
+  np.testing.assert_allclose(stepped, full, atol=ATOL)
   assert state["lengths"].tolist() == [20, 20]
 
 
 def test_decode_per_sequence_lengths():
   model = zoo.build(tiny(), rngs=2)
+  step, f = step_fn(model), forward_fn(model)
   x = tokens(2, 2, 12)
-  state = model.init_state(2, 16)
   # Sequence 0 gets 5 prompt tokens, sequence 1 gets 9: prefill them separately, then step.
-  s0 = model.init_state(1, 16)
-  _, s0 = model.step(x[:1, :5], s0)
-  s1 = model.init_state(1, 16)
-  _, s1 = model.step(x[1:, :9], s1)
+  _, s0 = step(x[:1, :5], model.init_state(1, 16))
+  _, s1 = step(x[1:, :9], model.init_state(1, 16))
   state = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), s0, s1)
   nxt = jnp.stack([x[0, 5], x[1, 9]])[:, None]
-  logits, _ = model.step(nxt, state)
-  ref0, _ = model(x[:1, :6])
-  ref1, _ = model(x[1:, :10])
+  logits, _ = step(nxt, state)
+  ref0, ref1 = f(x[:1, :6]), f(x[1:, :10])
   np.testing.assert_allclose(logits[0, 0], ref0[0, -1], atol=ATOL)
   np.testing.assert_allclose(logits[1, 0], ref1[0, -1], atol=ATOL)
 
 
 def test_packed_documents_do_not_interact():
-  model = zoo.build(tiny(), rngs=3)
+  f = forward_fn(zoo.build(tiny(), rngs=3))
   a, b = tokens(3, 1, 9), tokens(4, 1, 7)
   packed = jnp.concatenate([a, b], axis=1)
   seg = jnp.concatenate([jnp.ones((1, 9), jnp.int32), 2 * jnp.ones((1, 7), jnp.int32)], axis=1)
-  out, _ = model(packed, segment_ids=seg)
-  ra, _ = model(a)
-  rb, _ = model(b)
+  out = f(packed, seg)
+  ra, rb = f(a), f(b)
   np.testing.assert_allclose(out[:, :9], ra, atol=ATOL)
   np.testing.assert_allclose(out[:, 9:], rb, atol=ATOL)
 
@@ -107,9 +98,11 @@ def test_gradients_finite_and_nonzero():
 
   def loss(p):
     logits, _ = nnx.merge(graphdef, p, rest)(x)
-    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, x[..., None], -1)[..., 0])
+    return jnp.mean(
+      jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, x[..., None], -1)[..., 0]
+    )
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   for g in jax.tree.leaves(grads):
     assert np.all(np.isfinite(g)) and np.abs(g).max() > 0
 
@@ -119,8 +112,7 @@ def test_bfloat16_compute_close_to_float32():
   m32 = zoo.build(cfg, rngs=5)
   m16 = zoo.build(dataclasses.replace(cfg, dtype="bfloat16"), rngs=5)
   x = tokens(6, 2, 16)
-  a, _ = m32(x)
-  b, _ = m16(x)
+  a, b = forward_fn(m32)(x), forward_fn(m16)(x)
   assert b.dtype == jnp.float32
   # bf16 activations carry ~3 significant digits; logits of this tiny model are O(1).
   np.testing.assert_allclose(a, b, atol=0.1)
@@ -137,9 +129,8 @@ def test_bfloat16_compute_close_to_float32():
   ],
 )
 def test_rope_scaling_variants_decode_consistently(scaling):
-  model = zoo.build(tiny(rope_scaling=scaling), rngs=6)
+  model = zoo.build(tiny(rope_scaling=scaling, n_layers=1), rngs=6)
   x = tokens(7, 1, 12)
-  full, _ = model(x)
-  state = model.init_state(1, 12)
-  logits, _ = model.step(x, state)
+  full = forward_fn(model)(x)
+  logits, _ = step_fn(model)(x, model.init_state(1, 12))
   np.testing.assert_allclose(logits, full, atol=ATOL)
