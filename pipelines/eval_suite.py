@@ -30,13 +30,13 @@ def task_specs(train_len: int, corpus: np.ndarray) -> list[tuple[str, dict[str, 
     ("needle_multi_key", {"corpus": corpus}),
     ("mqar", {"num_pairs": max(2, min(16, train_len // 16)), "token_range": (0, 64)}),
     ("set_disjointness", {}),
-    ("sequence_order", {}),
+    ("sequence_order", {"corpus": corpus}),
     ("fact_chain", {"hops": 1}),
     ("selective_copy", {}),
   ]
 
 
-def synthetic(run_dir: str | Path, *, factors=(1, 2), n: int = 32) -> list[dict[str, Any]]:
+def synthetic(run_dir: str | Path, *, factors=(1, 2, 4), n: int = 32) -> list[dict[str, Any]]:
   """Accuracy per task x length for a run's latest checkpoint (streamed in chunks of L)."""
   exp, model, _ = load_run(run_dir)
   from pipelines.extrapolate import heldout_stream
@@ -52,7 +52,10 @@ def synthetic(run_dir: str | Path, *, factors=(1, 2), n: int = 32) -> list[dict[
       try:
         source = get_task(name, length=length, seed=1234, **params)
       except ValueError as e:  # the task does not fit this length
-        rows.append({"task": name, "length": length, "accuracy": None, "n": 0, "note": str(e)})
+        rows.append(
+          {"task": name, "length": length, "accuracy": None, "n": 0, "chance": "too short",
+           "note": str(e)}
+        )
         continue
       res = evaluate_task(predict, source, min(n, len(source)), batch_size=8)
       rows.append(
