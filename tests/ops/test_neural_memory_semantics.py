@@ -1,0 +1,240 @@
+"""What ``neural_memory`` means: independent definitions, decoding, continuation, bad input.
+
+The implementations are checked against each other in ``test_neural_memory.py``; here the op
+is checked against things written from the math alone (a per-token ``jax.grad`` loop, the
+delta rule, Newton-Schulz's invariant, the poly2 kernel identity) and against itself (step
+decoding and split sequences equal one call).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ops.memory.neural import common, feature_dim, init_memory, neural_memory, neural_memory_step
+from tests.ops.test_neural_memory import B, H, K, V, assert_close, fast_jit, make_inputs, run
+
+
+def independent_titans(qkv, gates, memory, omega=None, window=1, activation="silu"):
+  """Token-by-token Titans/ATLAS at chunk_size=1, written from the paper's equations.
+
+  Python loop over tokens; per (batch, head) ``jax.grad`` of the windowed squared error.
+  """
+  q, k, v = (np.asarray(x, np.float32) for x in qkv)
+  lr, eta, alpha = (np.asarray(gates[n], np.float32) for n in ("lr", "momentum", "decay"))
+  omega = np.ones(lr.shape, np.float32) if omega is None else np.asarray(omega, np.float32)
+  batch, length, heads, _ = q.shape
+
+  def forward(m, x):
+    if "w" in m:
+      return x @ m["w"]
+    return common.ACTIVATIONS[activation](x @ m["w1"]) @ m["w2"]
+
+  def window_loss(m, keys, values, weights):
+    return sum(w * jnp.sum((forward(m, x) - y) ** 2) for x, y, w in zip(keys, values, weights))
+
+  ys = np.zeros((batch, length, heads, v.shape[-1]), np.float32)
+  for b in range(batch):
+    for h in range(heads):
+      m = {name: jnp.asarray(w[h]) for name, w in memory.items()}
+      u = jax.tree.map(jnp.zeros_like, m)
+      for t in range(length):
+        s = range(max(0, t - window + 1), t + 1)
+        g = jax.grad(window_loss)(m, k[b, s, h], v[b, s, h], omega[b, s, h])
+        e, th, keep = eta[b, t, h], lr[b, t, h], 1 - alpha[b, t, h]
+        u = jax.tree.map(lambda u, g, e=e, th=th: e * u - th * g, u, g)
+        m = jax.tree.map(lambda m, u, keep=keep: keep * m + u, m, u)
+        ys[b, t, h] = forward(m, q[b, t, h])
+  return ys
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_chunk_one_is_sequential_titans(implementation, depth):
+  qkv, gates, memory, _ = make_inputs(3, 6, depth=depth)
+  y, _ = run(implementation, qkv, gates, memory, chunk_size=1)
+  assert_close(y, independent_titans(qkv, gates, memory), jnp.float32, "value", "y")
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
+def test_omega_window_is_atlas(implementation):
+  """ATLAS's Omega rule: the inner loss sums gamma-weighted errors of the last c tokens."""
+  qkv, gates, memory, omega = make_inputs(4, 6, depth=2)
+  y, _ = run(implementation, qkv, gates, memory, omega, chunk_size=1, omega_window=3)
+  expected = independent_titans(qkv, gates, memory, omega, window=3)
+  assert_close(y, expected, jnp.float32, "value", "y")
+
+
+def test_omega_window_one_is_plain():
+  qkv, gates, memory, omega = make_inputs(5, 9, depth=2)
+  plain, _ = run("xla", qkv, gates, memory, chunk_size=4)
+  windowed, _ = run("xla", qkv, gates, memory, jnp.ones(omega.shape), chunk_size=4, omega_window=1)
+  assert_close(windowed, plain, jnp.float32, "value", "y")
+  # ... and the window is not ignored: c = 2 gives something else.
+  wider, _ = run("xla", qkv, gates, memory, chunk_size=4, omega_window=2)
+  assert float(jnp.max(jnp.abs(wider - plain))) > 1e-3
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
+def test_depth_one_without_momentum_is_the_delta_rule(implementation):
+  """eta = alpha = 0, theta = beta / 2: S_t = S_{t-1} + beta k (v - S^T k)^T, y = S_t^T q."""
+  qkv, gates, memory, _ = make_inputs(6, 9, depth=1)
+  beta = np.asarray(gates["lr"]) * 3.0  # up to 0.9
+  zeros = jnp.zeros_like(gates["lr"])
+  gates = dict(lr=jnp.asarray(beta / 2), momentum=zeros, decay=zeros)
+  y, state = run(implementation, qkv, gates, memory, chunk_size=1)
+  q, k, v = (np.asarray(x, np.float64) for x in qkv)
+  s = np.broadcast_to(np.asarray(memory["w"], np.float64), (B, H, K, V)).copy()
+  expected = np.zeros(v.shape)
+  for t in range(q.shape[1]):
+    err = v[:, t] - np.einsum("bhk,bhkv->bhv", k[:, t], s)
+    s += beta[:, t, :, None, None] * k[:, t, :, :, None] * err[:, :, None, :]
+    expected[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], s)
+  assert_close(y, expected, jnp.float32, "value", "y")
+  assert_close(state["weights"]["w"], s, jnp.float32, "value", "S")
+
+
+@pytest.mark.parametrize(
+  "options",
+  [
+    dict(chunk_size=1),
+    dict(chunk_size=4, omega_window=3),
+    dict(chunk_size=2, optimizer="muon", ns_steps=2),
+  ],
+  ids=["titans", "omega", "muon"],
+)
+def test_step_decoding_equals_full_op(options):
+  qkv, gates, memory, omega = make_inputs(7, 7, depth=2)
+  y, state = neural_memory(*qkv, **gates, memory=memory, omega_weights=omega, **options)
+  step = fast_jit(
+    lambda *a, memory: neural_memory_step(
+      *a[:3], **a[3], omega_weights=a[4], memory=memory, **options
+    )
+  )
+  carry = memory
+  for t in range(qkv[0].shape[1]):
+    tok = {n: g[:, t] for n, g in gates.items()}
+    y_t, carry = step(*(x[:, t] for x in qkv), tok, omega[:, t], memory=carry)
+    assert_close(y_t, y[:, t], jnp.float32, "value", f"y[{t}]")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(carry), jax.tree.leaves(state)):
+    assert_close(a, b, jnp.float32, "value", f"state{jax.tree_util.keystr(path)}")
+
+
+@pytest.mark.parametrize(
+  "implementation, jit",
+  [("xla", False), ("xla", True), ("reference", True)],
+  ids=["xla-static_offset", "xla-traced_offset", "reference"],
+)
+def test_split_sequence_equals_one_call(implementation, jit):
+  """A state handed back as ``memory`` continues mid-chunk (the split is not chunk-aligned)."""
+  qkv, gates, memory, omega = make_inputs(8, 11, depth=2)
+  opts = dict(chunk_size=4, omega_window=3, implementation=implementation)
+  call = lambda qkv, gates, omega, memory: neural_memory(
+    *qkv, **gates, memory=memory, omega_weights=omega, **opts
+  )
+  y, state = call(qkv, gates, omega, memory)
+  cut = lambda tree, sl: jax.tree.map(lambda x: x[:, sl], tree)
+  second = fast_jit(call) if jit else call
+  y1, mid = call(*cut((qkv, gates, omega), slice(0, 5)), memory)
+  y2, final = second(*cut((qkv, gates, omega), slice(5, None)), mid)
+  assert_close(jnp.concatenate([y1, y2], axis=1), y, jnp.float32, "value", "y")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(final), jax.tree.leaves(state)):
+    assert_close(a, b, jnp.float32, "value", f"state{jax.tree_util.keystr(path)}")
+
+
+def test_batched_initial_weights_equal_shared():
+  qkv, gates, memory, _ = make_inputs(9, 5, depth=2)
+  batched = jax.tree.map(lambda w: jnp.broadcast_to(w, (B, *w.shape)), memory)
+  y, _ = run("xla", qkv, gates, memory, chunk_size=2)
+  y_b, _ = run("xla", qkv, gates, batched, chunk_size=2)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_b))
+  # Different weights per sequence give different outputs per sequence only.
+  batched = {n: w.at[1].multiply(2.0) for n, w in batched.items()}
+  y_b, _ = run("xla", qkv, gates, batched, chunk_size=2)
+  np.testing.assert_array_equal(np.asarray(y[0]), np.asarray(y_b[0]))
+  assert float(jnp.max(jnp.abs(y[1] - y_b[1]))) > 1e-3
+
+
+def test_newton_schulz_orthogonalises():
+  g = jax.random.normal(jax.random.key(0), (3, 8, 5))
+  sv = np.linalg.svd(np.asarray(common.newton_schulz(g, 5)), compute_uv=False)
+  # Muon's quintic iteration drives singular values into roughly [0.7, 1.2], not exactly 1.
+  assert sv.min() > 0.5 and sv.max() < 1.3, sv
+  sv_in = np.linalg.svd(np.asarray(g), compute_uv=False)
+  assert sv_in.max() / sv_in.min() > 2.0  # the input was far from orthogonal
+  assert np.all(np.isfinite(jax.grad(lambda x: common.newton_schulz(x, 5).sum())(0.0 * g)))
+
+
+def test_poly2_feature_map_kernel():
+  x, y = jax.random.normal(jax.random.key(1), (2, 6, K))
+  phi = lambda z: common.apply_feature_map(z, "poly2")
+  dots = jnp.sum(x * y, axis=-1)
+  assert phi(x).shape == (6, feature_dim(K, "poly2"))
+  np.testing.assert_allclose(jnp.sum(phi(x) * phi(y), -1), 1 + dots + dots**2 / 2, rtol=1e-5)
+  np.testing.assert_array_less(0.0, common.apply_feature_map(x, "elu1"))
+
+
+def test_gates_reach_the_output():
+  """Gradients wrt every gate and the initial weights are nonzero (they are all used)."""
+  qkv, gates, memory, omega = make_inputs(10, 6, depth=2)
+
+  def loss(gates, memory, omega):
+    y, _ = neural_memory(
+      *qkv, **gates, memory=memory, omega_weights=omega, chunk_size=2, omega_window=2
+    )
+    return jnp.sum(y**2)
+
+  for leaf in jax.tree.leaves(fast_jit(jax.grad(loss, argnums=(0, 1, 2)))(gates, memory, omega)):
+    assert float(jnp.max(jnp.abs(leaf))) > 1e-6
+
+
+def _bad(**changes):
+  qkv, gates, memory, _ = make_inputs(0, 5, depth=2)
+  kwargs = dict(zip("qkv", qkv)) | gates | dict(memory=memory, chunk_size=4) | changes
+  return kwargs
+
+
+@pytest.mark.parametrize(
+  "changes, match",
+  [
+    (dict(chunk_size=3), "power of two"),
+    (dict(chunk_size=0), "power of two"),
+    (dict(k=jnp.zeros((B, 5, H, K + 1))), "q and k"),
+    (dict(v=jnp.zeros((B, 4, H, V))), "v must be"),
+    (
+      dict(q=jnp.zeros((B, 0, H, K)), k=jnp.zeros((B, 0, H, K)), v=jnp.zeros((B, 0, H, V))),
+      "lr has shape|empty",
+    ),
+    (dict(lr=jnp.full((B, 5, H), 1.5)), r"lr must lie in \[0.0, 1.0\]"),
+    (dict(decay=jnp.full((B, 5, H), -0.1)), "decay must lie"),
+    (dict(momentum=jnp.zeros((B, 5))), "momentum has shape"),
+    (dict(omega_weights=jnp.full((B, 5, H), -1.0)), "omega_weights must lie"),
+    (dict(memory={"w": jnp.zeros((H, K + 1, V))}), r"memory\['w'\] has shape"),
+    (dict(memory={"w1": jnp.zeros((H, K, 3))}), "keys"),
+    (dict(feature_map="poly2"), r"memory\['w1'\] has shape"),
+    (dict(feature_map="cosine"), "unknown feature_map"),
+    (dict(optimizer="adam"), "unknown optimizer"),
+    (dict(activation="swish"), "unknown activation"),
+    (dict(omega_window=0), "omega_window"),
+    (dict(implementation="pallas_tpu"), "unknown implementation"),
+  ],
+)
+def test_bad_input_raises_before_tracing(changes, match):
+  with pytest.raises(ValueError, match=match):
+    neural_memory(**_bad(**changes))
+
+
+def test_residual_needs_matching_dims():
+  qkv, gates, _, _ = make_inputs(0, 5)
+  memory = init_memory(jax.random.key(0), heads=H, key_dim=K, value_dim=V, feature_map="poly2")
+  with pytest.raises(ValueError, match="residual"):
+    neural_memory(*qkv, **gates, memory=memory, feature_map="poly2", residual=True)
+
+
+def test_state_with_wrong_window_raises():
+  qkv, gates, memory, _ = make_inputs(0, 5)
+  _, state = neural_memory(*qkv, **gates, memory=memory, omega_window=2)
+  with pytest.raises(ValueError, match="window_k"):
+    neural_memory(*qkv, **gates, memory=state, omega_window=3)
