@@ -1,0 +1,280 @@
+"""Host side of the Pallas gated delta rule, shared by ``pallas_tpu`` and ``pallas_gpu``.
+
+Inputs are moved to head-major ``[B,H,T,*]`` so a chunk is a ``[C,K]`` tile, the within-chunk
+cumulative log decay ``G`` is computed here (its transpose, the reverse cumulative sum, is then
+autodiff's job), and a ``custom_vjp`` ties the kernels (``pallas_calls``) together:
+
+forward:  wy (parallel) -> state passing (sequential) -> output (parallel)
+backward: recompute W, U and the per-chunk states (one more sequential pass instead of keeping
+          [B,H,N,K,V] states alive between forward and backward) -> state-gradient passing
+          (sequential, reversed) -> per-chunk gradients (parallel) -> WY backward in XLA.
+
+The WY backward runs in XLA (``jax.vjp`` of ``_wy_xla``): it is parallel over chunks, made of
+``[C,C]`` matmuls and one batched triangular solve that XLA already runs well, while a Pallas
+version would need the transposed forward substitution in-kernel for no change in the
+asymptotic cost. Everything sequential over time is a kernel.
+
+Per-channel decay (``g [B,T,H,K]``, GLA-style) changes only the within-chunk part: ``P`` and the
+WY matrices need ``exp(G_i - G_j)`` per key channel, which does not factor into a matmul without
+risking overflow, so ``_intra_xla`` builds them in XLA from the exact pairwise decays (and
+differentiates them with ``jax.vjp``); the state passing, outputs and state gradients stay
+kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ops.common.dispatch import NotSupportedError
+from ops.memory.gated_delta import pallas_calls as calls
+from ops.memory.gated_delta.pallas_calls import Config
+
+f32 = jnp.float32
+
+
+def _wy_xla(k, v, beta, g_cum, chunk):
+  """Scalar decay, the WY transform in plain jnp (for its vjp): ``(W, U)`` float32."""
+  B, H, T, K = k.shape
+  V, C = v.shape[-1], chunk
+  chunks = lambda x: x.astype(f32).reshape(B, H, T // C, C, x.shape[-1])
+  k, v, b, G = chunks(k), chunks(v), chunks(beta[..., None]), chunks(g_cum[..., None])
+  strict = jnp.tril(jnp.ones((C, C), bool), -1)
+  diff = jnp.where(strict, G - jnp.swapaxes(G, -1, -2), 0.0)
+  a = jnp.where(strict, b * (k @ jnp.swapaxes(k, -1, -2)) * jnp.exp(diff), 0.0)
+  eye = jnp.broadcast_to(jnp.eye(C, dtype=f32), a.shape)
+  t = jax.scipy.linalg.solve_triangular(eye + a, eye, lower=True, unit_diagonal=True)
+  w = t @ (b * jnp.exp(G) * k)
+  u = t @ (b * v)
+  return w.reshape(B, H, T, K), u.reshape(B, H, T, V)
+
+
+def _intra_xla(q, k, v, beta, g_cum, *, chunk, delta):
+  """Per-channel decay, in plain jnp for its vjp: the within-chunk matrices.
+
+  Args:
+    q, k: ``[B,H,T,K]``.
+    v: ``[B,H,T,V]``.
+    beta: ``[B,H,T]``.
+    g_cum: ``G [B,H,T,K]``, the within-chunk cumulative log decay.
+    chunk: ``C``.
+    delta: also build the WY matrices.
+
+  Returns:
+    ``(P [B,H,N,C,C],)`` or ``(P, W [B,H,T,K], U [B,H,T,V])`` float32, with
+    ``P[i,j] = sum_c q_ic k_jc exp(G_ic - G_jc)`` for ``j <= i``.
+  """
+  B, H, T, K = q.shape
+  C = chunk
+  N = T // C
+  # Chunks lead so lax.map bounds the [B,H,C,C,K] pairwise decays to a few chunks at a time.
+  chunks = lambda x: jnp.moveaxis(x.astype(f32).reshape(B, H, N, C, x.shape[-1]), 2, 0)
+  causal = jnp.tril(jnp.ones((C, C), bool))
+  strict = jnp.tril(jnp.ones((C, C), bool), -1)
+
+  def one_chunk(xs):
+    q, k, v, G, b = xs
+    keep = causal[:, :, None]
+    diff = G[..., :, None, :] - G[..., None, :, :]
+    pair = jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)  # [B,H,C,C,K]
+    p = jnp.einsum("...ik,...jk,...ijk->...ij", q, k, pair)
+    if not delta:
+      return (p,)
+    a = jnp.where(strict, b * jnp.einsum("...ik,...jk,...ijk->...ij", k, k, pair), 0.0)
+    eye = jnp.broadcast_to(jnp.eye(C, dtype=f32), a.shape)
+    t = jax.scipy.linalg.solve_triangular(eye + a, eye, lower=True, unit_diagonal=True)
+    return p, t @ (b * jnp.exp(G) * k), t @ (b * v)
+
+  batch = max(1, min(N, (1 << 22) // (B * H * C * C * K)))
+  xs = (chunks(q), chunks(k), chunks(v), chunks(g_cum), chunks(beta[..., None]))
+  outs = jax.lax.map(one_chunk, xs, batch_size=batch)
+  p = jnp.moveaxis(outs[0], 0, 2)
+  if not delta:
+    return (p,)
+  unchunk = lambda x: jnp.moveaxis(x, 0, 2).reshape(B, H, T, x.shape[-1])
+  return p, unchunk(outs[1]), unchunk(outs[2])
+
+
+def _layouts(x, chunk):
+  """``[B,H,T]`` -> ``(col [B,H,T,1], row [B,H,N,1,C])``: free reshapes of one array."""
+  B, H, T = x.shape
+  return x[..., None], x.reshape(B, H, T // chunk, 1, chunk)
+
+
+def _decay_forms(cfg, g_cum):
+  """``(g, grow, glast)``: ``G`` as kernel operands.
+
+  Scalar decay: ``g [B,H,T,1]``, ``grow [B,H,N,1,C]``, no ``glast``. Per channel:
+  ``g [B,H,T,K]``, no ``grow``, ``glast [B,H,N,K,1]`` (each chunk's total decay as a column).
+  """
+  if cfg.channel:
+    B, H, T, K = g_cum.shape
+    return g_cum, None, g_cum.reshape(B, H, T // cfg.chunk, cfg.chunk, K)[..., -1, :, None]
+  gcol, grow = _layouts(g_cum, cfg.chunk)
+  return gcol, grow, None
+
+
+def _forward(cfg, q, k, v, g_cum, beta, h0):
+  g, grow, glast = _decay_forms(cfg, g_cum)
+  p = None
+  if cfg.channel:
+    outs = _intra_xla(q, k, v, beta, g_cum, chunk=cfg.chunk, delta=cfg.delta)
+    p, (w, u) = outs[0], (outs[1:] if cfg.delta else (None, v))
+  elif cfg.delta:
+    bcol, brow = _layouts(beta, cfg.chunk)
+    w, u = calls.wy(cfg, k, v, bcol, brow, g, grow)
+  else:
+    w, u = None, v
+  hs, vn, ht = calls.state_fwd(cfg, k, w, u, g, glast, h0)
+  vn = vn if cfg.delta else v
+  return calls.output(cfg, q, k, vn, g, grow, p, hs, v.dtype), ht
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gated_delta(cfg, q, k, v, g_cum, beta, h0):
+  return _forward(cfg, q, k, v, g_cum, beta, h0)
+
+
+def _gated_delta_fwd(cfg, q, k, v, g_cum, beta, h0):
+  return _forward(cfg, q, k, v, g_cum, beta, h0), (q, k, v, g_cum, beta, h0)
+
+
+def _gated_delta_bwd(cfg, res, cotangents):
+  q, k, v, g_cum, beta, h0 = res
+  do, dht = cotangents
+  g, grow, glast = _decay_forms(cfg, g_cum)
+  # f32 primals so the XLA part's cotangents are not rounded to bf16 before they are summed.
+  primals = (q.astype(f32), k.astype(f32), v.astype(f32), beta, g_cum)
+  p, xla_vjp = None, None
+  if cfg.channel:
+    intra = functools.partial(_intra_xla, chunk=cfg.chunk, delta=cfg.delta)
+    outs, xla_vjp = jax.vjp(intra, *primals)
+    p, (w, u) = outs[0], (outs[1:] if cfg.delta else (None, v))
+  elif cfg.delta:
+    wy = lambda q, k, v, beta, g_cum: _wy_xla(k, v, beta, g_cum, cfg.chunk)
+    (w, u), xla_vjp = jax.vjp(wy, *primals)
+  else:
+    w, u = None, v
+  hs, vn, _ = calls.state_fwd(cfg, k, w, u, g, glast, h0)
+  vn = vn if cfg.delta else v
+  dhs, dvn, dh0 = calls.state_bwd(cfg, q, k, w, do, g, grow, p, glast, dht.astype(f32))
+  r = calls.grads(cfg, q, k, vn, do, dvn, g, grow, hs, dhs)
+  dq, dk, dg = r["dq"], r["dk"], r["dg"]
+  if cfg.channel:
+    B, H, T, K = q.shape
+    # The exp(G_C) h term of the state update, per channel: a sum over the value dim of h * dh.
+    to_end = jnp.exp(glast[..., 0]) * jnp.sum(hs * dhs, axis=-1)  # [B,H,N,K]
+    dg = dg.reshape(B, H, T // cfg.chunk, cfg.chunk, K).at[..., -1, :].add(to_end)
+    dg = dg.reshape(B, H, T, K)
+  else:
+    dg = dg[..., 0]
+  dv, dbeta = dvn, jnp.zeros_like(beta)
+  if xla_vjp is not None:
+    cot = ((r["p_out"],) if cfg.channel else ()) + ((r["dw"], dvn) if cfg.delta else ())
+    dq_x, dk_x, dv_x, dbeta_x, dg_x = xla_vjp(cot)
+    dq, dk, dg = dq + dq_x, dk + dk_x, dg + dg_x
+    if cfg.delta:
+      dv, dbeta = dv_x, dbeta_x
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, dbeta, dh0
+
+
+_gated_delta.defvjp(_gated_delta_fwd, _gated_delta_bwd)
+
+
+def _default_block_v(platform: str, V: int) -> int:
+  # TPU tiles need a lane dim that is a multiple of 128 or the whole V; on GPU smaller value
+  # blocks give the sequential kernel more programs to run in parallel.
+  preferred = 128 if platform == "tpu" else 64
+  return preferred if V % preferred == 0 else V
+
+
+def chunk_gated_delta_rule(
+  q,
+  k,
+  v,
+  g,
+  beta,
+  *,
+  scale: float,
+  initial_state,
+  chunk_size: int,
+  interpret: bool,
+  platform: str,
+  block_v: int | None = None,
+):
+  """Chunked gated delta rule with Pallas kernels (see ``pallas_tpu``/``pallas_gpu``).
+
+  Args:
+    q: ``[B,T,H,K]``.
+    k: ``[B,T,H,K]``.
+    v: ``[B,T,H,V]``.
+    g: ``None``, ``[B,T,H]`` or ``[B,T,H,K]`` (per key channel) float32 log decay (<= 0).
+    beta: ``None`` (additive write) or ``[B,T,H]`` float32 (delta rule).
+    scale: output scale.
+    initial_state: ``None`` or ``[B,H,K,V]`` float32.
+    chunk_size: ``C``; T is padded up to a multiple of it (padding leaves the state as is).
+    interpret: run in the Pallas interpreter (CPU testing).
+    platform: ``"tpu"`` or ``"gpu"``.
+    block_v: value-dim block of the sequential kernels; must divide V.
+
+  Returns:
+    ``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32)``.
+
+  Raises:
+    NotSupportedError: a chunk size / head dims the platform cannot tile.
+    ValueError: inconsistent shapes or dtypes.
+  """
+  if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"q, k [B,T,H,K] and v [B,T,H,V] disagree: {q.shape}, {k.shape}, {v.shape}")
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  C = chunk_size
+  if g is not None and g.shape not in ((B, T, H), (B, T, H, K)):
+    raise ValueError(f"g must be [B,T,H]={(B, T, H)} or [B,T,H,K], got {g.shape}")
+  if beta is not None and beta.shape != (B, T, H):
+    raise ValueError(f"beta must be [B,T,H]={(B, T, H)}, got {beta.shape}")
+  if initial_state is not None and initial_state.shape != (B, H, K, V):
+    raise ValueError(f"initial_state must be [B,H,K,V]={(B, H, K, V)}, got {initial_state.shape}")
+  if not all(jnp.issubdtype(x.dtype, jnp.floating) for x in (q, k, v)):
+    raise ValueError(f"q, k, v must be floating, got {q.dtype}, {k.dtype}, {v.dtype}")
+  if platform not in ("tpu", "gpu"):
+    raise ValueError(f"platform must be 'tpu' or 'gpu', got {platform!r}")
+  block_v = _default_block_v(platform, V) if block_v is None else block_v
+  if block_v <= 0 or V % block_v:
+    raise ValueError(f"block_v={block_v} must divide V={V}")
+  # Triton: every tile a power of two, every matmul dim >= 16. Mosaic: chunk rows a multiple
+  # of the (bf16) sublane tile, value blocks a multiple of the 128 lanes (or all of V).
+  pow2_16 = lambda n: n >= 16 and n & (n - 1) == 0
+  if platform == "gpu" and not all(pow2_16(n) for n in (C, K, V, block_v)):
+    raise NotSupportedError(
+      f"Triton needs powers of two >= 16 for C, K, V, block_v; got {C}, {K}, {V}, {block_v}"
+    )
+  if platform == "tpu" and C % 16:
+    raise NotSupportedError(f"TPU chunk size must be a multiple of 16, got {C}")
+  if platform == "tpu" and not interpret and block_v != V and block_v % 128:
+    raise NotSupportedError(f"TPU block_v must be V or a multiple of 128, got {block_v}")
+
+  cfg = Config(
+    platform=platform,
+    scale=float(scale),
+    chunk=C,
+    delta=beta is not None,
+    block_v=block_v,
+    interpret=bool(interpret),
+    channel=g is not None and g.ndim == 4,
+  )
+  pad = -T % C
+  Tp = T + pad
+  # [B,T,H,...] -> [B,H,T,...], padded with zeros: k = v = g = beta = 0 leaves the state as is.
+  head_major = lambda x: jnp.pad(
+    jnp.swapaxes(x, 1, 2), [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3)
+  )
+  q, k, v = head_major(q), head_major(k), head_major(v)
+  g = jnp.zeros((B, H, Tp), f32) if g is None else head_major(g.astype(f32))
+  beta = jnp.zeros((B, H, Tp), f32) if beta is None else head_major(beta.astype(f32))
+  g_cum = jnp.cumsum(g.reshape(B, H, Tp // C, C, -1), axis=3).reshape(g.shape)
+  h0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
+  o, ht = _gated_delta(cfg, q, k, v, g_cum, beta, h0)
+  return jnp.swapaxes(o[:, :, :T], 1, 2), ht

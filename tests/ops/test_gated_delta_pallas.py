@@ -1,0 +1,321 @@
+"""Pallas gated delta rule kernels (``ops/memory/gated_delta/pallas_*``).
+
+On CPU the kernels run in interpret mode against the step recurrence (the definition): outputs,
+final states and gradients of every input. Both interpreters start fresh outputs as NaN (TPU:
+``InterpretParams(uninitialized_memory="nan")``; the generic one used for the GPU kernels does so
+by default), so an element a kernel forgets to write fails the comparison. Lowering for ``tpu``
+and ``cuda`` at a realistic size catches what only the real compilers' front ends reject. Each
+case is one ``jit`` of forward + backward compiled at XLA optimisation level 0, since compiling
+the interpreted kernels dominates the run time and the level does not change the arithmetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from ops.common.dispatch import NotSupportedError
+from ops.memory.gated_delta import (
+  gated_delta_rule,
+  pallas_calls,
+  pallas_gpu,
+  pallas_tpu,
+  reference,
+)
+
+# Max abs error divided by max(1, max abs of the reference), per dtype.
+TOLERANCES = {
+  # Interpret mode is plain f32 arithmetic in a different order than the step recurrence.
+  "float32": {"out": 1e-5, "grad": 5e-5},
+  # Inputs are the same bf16 values on both sides; the error is the kernel's bf16 rounding
+  # of o, dq, dk, dv (8 bit mantissa: 2**-8 ~ 4e-3 of the largest element).
+  "bfloat16": {"out": 1e-2, "grad": 1e-2},
+}
+
+KERNELS = {"tpu": pallas_tpu.chunk_gated_delta_rule, "gpu": pallas_gpu.chunk_gated_delta_rule}
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _inputs(
+  T, *, K=16, V=16, H=2, decay=True, channel=False, delta=True, h0=True, dtype=jnp.float32, seed=0
+):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+  q = jax.random.normal(keys[0], (1, T, H, K))
+  k = jax.random.normal(keys[1], (1, T, H, K))
+  # Unit-norm keys as in gated DeltaNet: the delta rule is a contraction only then.
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  v = jax.random.normal(keys[2], (1, T, H, V))
+  g_shape = (1, T, H, K) if channel else (1, T, H)
+  g = jax.nn.log_sigmoid(jax.random.normal(keys[3], g_shape) + 2.0) if decay else None
+  beta = jax.nn.sigmoid(jax.random.normal(keys[4], (1, T, H))) if delta else None
+  s = jax.random.normal(keys[5], (1, H, K, V)) if h0 else None
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype), g, beta, s
+
+
+def _value_and_grads(fn, args, cotangents, **kw):
+  """``(o, final_state, grads of every non-None input)`` under one compiled jit."""
+  present = [i for i, a in enumerate(args) if a is not None]
+
+  def run(xs, cts):
+    def f(*xs):
+      full = list(args)
+      for i, x in zip(present, xs):
+        full[i] = x
+      q, k, v, g, beta, s = full
+      return fn(q, k, v, g, beta, initial_state=s, **kw)
+
+    out, vjp = jax.vjp(f, *xs)
+    return out, vjp(cts)
+
+  xs = [args[i] for i in present]
+  options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
+  compiled = jax.jit(run).trace(xs, cotangents).lower().compile(compiler_options=options)
+  (o, state), grads = compiled(xs, cotangents)
+  return o, state, dict(zip(present, grads))
+
+
+def _assert_close(name, got, want, tol):
+  got = np.asarray(got, np.float32)
+  want = np.asarray(want, np.float32)
+  assert got.shape == want.shape, (name, got.shape, want.shape)
+  assert np.all(np.isfinite(got)), f"{name}: non-finite values (unwritten memory?)"
+  err = np.max(np.abs(got - want)) / max(1.0, np.max(np.abs(want)))
+  assert err <= tol, f"{name}: relative max error {err:.3g} > {tol}"
+
+
+def _check_against_reference(platform, T, *, dtype=jnp.float32, chunk=16, block_v=None, **kw):
+  args = _inputs(T, dtype=dtype, **kw)
+  q, _, v, _, _, _ = args
+  B, _, H, K = q.shape
+  V = v.shape[-1]
+  cts = (
+    jax.random.normal(jax.random.PRNGKey(7), v.shape).astype(v.dtype),
+    jax.random.normal(jax.random.PRNGKey(8), (B, H, K, V)),
+  )
+  common = {"scale": K**-0.5, "chunk_size": chunk}
+  o, state, grads = _value_and_grads(
+    KERNELS[platform], args, cts, interpret=True, block_v=block_v, **common
+  )
+  # The definition, in f32 on the same (possibly bf16-rounded) inputs.
+  up = tuple(None if a is None else a.astype(jnp.float32) for a in args)
+  up_cts = tuple(c.astype(jnp.float32) for c in cts)
+  o_ref, state_ref, grads_ref = _value_and_grads(
+    reference.recurrent_gated_delta_rule, up, up_cts, **common
+  )
+  tol = TOLERANCES[jnp.dtype(dtype).name]
+  assert o.dtype == v.dtype and state.dtype == jnp.float32
+  _assert_close("o", o, o_ref, tol["out"])
+  _assert_close("final_state", state, state_ref, tol["out"])
+  names = ("dq", "dk", "dv", "dg", "dbeta", "dinitial_state")
+  assert grads.keys() == grads_ref.keys()
+  for i, got in grads.items():
+    assert got.dtype == args[i].dtype, (names[i], got.dtype)
+    _assert_close(names[i], got, grads_ref[i], tol["grad"])
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_delta_rule_with_decay_and_initial_state(platform):
+  # T = 40 is not a chunk multiple: the padded tail must leave the state unchanged.
+  _check_against_reference(platform, 40)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_additive_with_decay_value_blocks(platform):
+  # Linear attention / RetNet / Mamba-2 form; two value blocks in the sequential kernels.
+  _check_against_reference(platform, 64, V=32, delta=False, h0=False, block_v=16)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_delta_rule_bf16_single_token_no_decay(platform):
+  # T = 1: one chunk holding one real token; DeltaNet (no decay).
+  _check_against_reference(platform, 1, dtype=jnp.bfloat16, decay=False, h0=False)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_delta_rule_per_channel_decay(platform):
+  # Gated DeltaNet with GLA-style decay: P and the WY matrices come from XLA, the rest kernels.
+  _check_against_reference(platform, 40, channel=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_additive_per_channel_decay(platform, dtype):
+  # GLA.
+  _check_against_reference(platform, 64, K=32, V=32, dtype=dtype, channel=True, delta=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("delta", [True, False])
+def test_wider_heads_several_chunks(platform, dtype, delta):
+  _check_against_reference(platform, 64, K=32, V=32, dtype=dtype, delta=delta, block_v=16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_delta_rule_chunk_32_long(platform):
+  _check_against_reference(platform, 100, chunk=32, K=16, V=32)
+
+
+def test_through_the_public_op():
+  # api.py pads T and dispatches by name; packed sequences are not the kernels' job.
+  q, k, v, g, beta, s = _inputs(24, channel=True)
+  kw = {"beta": beta, "initial_state": s, "output_final_state": True, "chunk_size": 16}
+  o, state = gated_delta_rule(q, k, v, g=g, implementation="pallas_gpu", interpret=True, **kw)
+  o_ref, state_ref = gated_delta_rule(q, k, v, g=g, implementation="reference", **kw)
+  _assert_close("o", o, o_ref, TOLERANCES["float32"]["out"])
+  _assert_close("final_state", state, state_ref, TOLERANCES["float32"]["out"])
+  segments = jnp.array([[0] * 10 + [1] * 14])
+  with pytest.raises(NotSupportedError, match="segment_ids"):
+    gated_delta_rule(q, k, v, g=g, segment_ids=segments, implementation="pallas_gpu", **kw)
+
+
+def test_interpreters_poison_fresh_memory():
+  # The NaN fill is what makes every comparison above a check that each output is written.
+  assert pallas_calls._interpret(dataclasses.replace(_TPU_CFG, platform="gpu")) is True
+  assert np.all(np.isnan(np.asarray(_unwritten_output())))
+  assert pallas_calls._interpret(_TPU_CFG).uninitialized_memory == "nan"
+
+
+_TPU_CFG = pallas_calls.Config(
+  platform="tpu", scale=1.0, chunk=16, delta=True, block_v=16, interpret=True
+)
+
+
+def _unwritten_output():
+  """A generic-interpreter kernel that never writes its output."""
+  return pl.pallas_call(
+    lambda x_ref, o_ref: None, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32), interpret=True
+  )(jnp.zeros((8, 128), jnp.float32))
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_rejects_unsupported_and_bad_inputs(platform):
+  q, k, v, g, beta, s = _inputs(16)
+  kw = {"scale": 0.25, "initial_state": s, "chunk_size": 16, "interpret": True}
+  with pytest.raises(ValueError, match="g must be"):
+    KERNELS[platform](q, k, v, g[..., :1], beta, **kw)
+  with pytest.raises(ValueError, match="beta"):
+    KERNELS[platform](q, k, v, g, beta[:, :, :1], **kw)
+  with pytest.raises(ValueError, match="initial_state"):
+    KERNELS[platform](q, k, v, g, beta, **{**kw, "initial_state": s[..., :8]})
+  with pytest.raises(ValueError, match="block_v"):
+    KERNELS[platform](q, k, v, g, beta, block_v=24, **kw)
+  with pytest.raises(NotSupportedError, match="chunk size" if platform == "tpu" else "powers"):
+    KERNELS[platform](q, k, v, g, beta, **{**kw, "chunk_size": 24})
+
+
+# Lowering at a realistic size: bf16, T=1024, H=4, K=V=128, chunk 64.
+_KERNEL_CALL = {"tpu": "tpu_custom_call", "cuda": r"__gpu\$xla\.gpu\.triton"}
+# pallas_calls per direction: forward = wy + states + output (additive: no wy); backward =
+# states recomputed + state gradients + per-chunk gradients (the WY backward is XLA).
+_EXPECTED_CALLS = {("fwd", True): 3, ("fwd", False): 2, ("bwd", True): 3, ("bwd", False): 3}
+
+
+def _lowered_kernel_calls(
+  lowering_platform, delta, direction, *, T=1024, H=4, K=128, V=128, channel=False
+):
+  B = 1
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  shapes = (
+    jax.ShapeDtypeStruct((B, T, H, K), bf16),
+    jax.ShapeDtypeStruct((B, T, H, K), bf16),
+    jax.ShapeDtypeStruct((B, T, H, V), bf16),
+    jax.ShapeDtypeStruct((B, T, H, K) if channel else (B, T, H), f32),
+    jax.ShapeDtypeStruct((B, T, H), f32),
+    jax.ShapeDtypeStruct((B, H, K, V), f32),
+  )
+  kernel = KERNELS["tpu" if lowering_platform == "tpu" else "gpu"]
+
+  def fwd(q, k, v, g, beta, s):
+    return kernel(
+      q,
+      k,
+      v,
+      g,
+      beta if delta else None,
+      scale=K**-0.5,
+      initial_state=s,
+      chunk_size=64,
+      interpret=False,
+    )
+
+  def loss(*args):
+    o, state = fwd(*args)
+    return jnp.sum(o.astype(f32) ** 2) + jnp.sum(state**2)
+
+  f = (
+    fwd
+    if direction == "fwd"
+    else jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5) if delta else (0, 1, 2, 3, 5))
+  )
+  text = jax.jit(f).trace(*shapes).lower(lowering_platforms=(lowering_platform,)).as_text()
+  return len(re.findall(_KERNEL_CALL[lowering_platform], text))
+
+
+def _expected_calls(delta, direction, channel=False):
+  # Per-channel decay has no wy kernel (its within-chunk matrices come from XLA).
+  fwd = _EXPECTED_CALLS[("fwd", delta)] - (1 if channel and delta else 0)
+  return fwd if direction == "fwd" else fwd + _EXPECTED_CALLS[("bwd", delta)]
+
+
+@pytest.mark.parametrize("lowering_platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "additive"])
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_lowers(lowering_platform, delta, direction):
+  calls = _lowered_kernel_calls(lowering_platform, delta, direction)
+  assert calls == _expected_calls(delta, direction)
+
+
+@pytest.mark.parametrize("lowering_platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "additive"])
+def test_lowers_per_channel_decay(lowering_platform, delta):
+  calls = _lowered_kernel_calls(lowering_platform, delta, "bwd", channel=True)
+  assert calls == _expected_calls(delta, "bwd", channel=True)
+
+
+@pytest.mark.parametrize("lowering_platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("K, V", [(64, 64), (128, 256)])
+def test_lowers_other_head_dims(lowering_platform, K, V):
+  # K = V = 64 (a lane-narrow tile on TPU), V = 256 (several value blocks), a ragged T.
+  calls = _lowered_kernel_calls(lowering_platform, True, "bwd", T=1000, H=2, K=K, V=V)
+  assert calls == _expected_calls(True, "bwd")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+def test_compiled_on_gpu():
+  _check_on_device("gpu")
+
+
+@pytest.mark.tpu
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
+def test_compiled_on_tpu():
+  _check_on_device("tpu")
+
+
+def _check_on_device(platform):
+  """Compiled kernels vs the f32 reference at a realistic size, forward and backward.
+
+  Loose tolerance: on device the kernels' f32 matmuls may run as TF32 (GPU) or bf16 passes (TPU).
+  """
+  args = _inputs(256, K=64, V=64, H=2)
+  cts = (jax.random.normal(jax.random.PRNGKey(7), args[2].shape), jnp.ones((1, 2, 64, 64)))
+  kw = {"scale": 0.125, "chunk_size": 64}
+  o, state, grads = _value_and_grads(KERNELS[platform], args, cts, interpret=False, **kw)
+  with jax.default_matmul_precision("highest"):
+    o_ref, state_ref, grads_ref = _value_and_grads(
+      reference.recurrent_gated_delta_rule, args, cts, **kw
+    )
+  _assert_close("o", o, o_ref, 2e-2)
+  _assert_close("final_state", state, state_ref, 2e-2)
+  for i, got in grads.items():
+    _assert_close(f"grad {i}", got, grads_ref[i], 5e-2)
