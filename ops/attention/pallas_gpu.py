@@ -1,0 +1,458 @@
+"""Flash attention for GPU (Pallas Triton lowering), forward and backward, with block skipping.
+
+Layout stays ``[B, T, H, D]``; D is zero-padded to a power of two (Triton tiles are powers of
+two; zero columns change neither scores nor the kept part of the output). One program owns a
+query block (forward, dq) or a key block (dk/dv) and loops with ``lax.fori_loop`` over its list
+of possibly visible blocks (``pallas_common.plan_block_lists``); K/V (or Q/dO) of the whole
+sequence are addressable from the program and only listed blocks are loaded.
+
+The dk/dv program of kv head ``kh`` also loops over the ``G = H // K`` query heads sharing it, so
+GQA gradients are summed in registers and K/V are never repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ops.attention import pallas_common as pc
+from ops.attention.mask import Mask
+from ops.common.dispatch import NotSupportedError
+
+NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Query/key block sizes (powers of two >= 16) and Triton launch parameters.
+
+  64 x 64 keeps the f32 score tile and the D=128 accumulators of a program in registers on
+  Ampere/Hopper (4 warps); larger blocks spill at D=128 in the backward, which holds dk, dv and
+  the q/do tiles at once.
+  """
+
+  block_q: int = 64
+  block_k: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  mask: tuple | None  # mask_params when all heads share a Mask, else None (table lookup)
+  q_offset: int
+  num_keys: int
+  bq: int
+  bk: int
+  groups: int
+  scale: float
+  has_segments: bool
+  kv_per_batch: bool
+  q_per_batch: bool
+  num_warps: int
+  num_stages: int
+  interpret: bool
+
+
+def _params(st: _Static, mtbl_ref, g=None):
+  if st.mask is not None:
+    return st.mask
+  if g is None:
+    return tuple(mtbl_ref[c] for c in range(4))
+  return tuple(mtbl_ref[g, c] for c in range(4))
+
+
+# Forward. Grid (nq, B, H); one program = one query block of one head.
+def _fwd_kernel(ids_ref, cnt_ref, mtbl_ref, q_ref, k_ref, v_ref, *refs, st: _Static):
+  if st.has_segments:
+    qseg_ref, kseg_ref, o_ref, lse_ref = refs
+  else:
+    o_ref, lse_ref = refs
+  qi = pl.program_id(0)
+  bq, bk = st.bq, st.bk
+  q = q_ref[...]  # [bq, Dp]
+  q_pos = st.q_offset + qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+  params = _params(st, mtbl_ref)
+  q_seg = qseg_ref[...] if st.has_segments else None  # [bq]
+
+  def body(j, carry):
+    acc, m_prev, l_prev = carry
+    kb = ids_ref[j]
+    keys = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+    k = k_ref[keys, :]  # [bk, Dp]
+    s = lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32) * st.scale
+    k_pos = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    vis = pc.visible(q_pos, k_pos, params, st.num_keys)
+    if st.has_segments:
+      vis = vis & (q_seg[:, None] == kseg_ref[keys][None, :])
+    s = jnp.where(vis, s, -jnp.inf)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    # Rows with nothing visible yet keep m = -inf; shift by 0 so exp() gives 0, not NaN.
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp(m_prev - m_safe)
+    p = jnp.exp(s - m_safe[:, None])  # [bq, bk]
+    v = v_ref[keys, :]
+    pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return alpha[:, None] * acc + pv, m_new, alpha * l_prev + jnp.sum(p, axis=1)
+
+  init = (
+    jnp.zeros((bq, o_ref.shape[-1]), jnp.float32),
+    jnp.full((bq,), -jnp.inf, jnp.float32),
+    jnp.zeros((bq,), jnp.float32),
+  )
+  acc, m, l = lax.fori_loop(0, cnt_ref[0], body, init)
+  empty = l == 0.0  # no visible key: output 0, lse -inf
+  l_safe = jnp.where(empty, 1.0, l)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(l_safe))
+
+
+# dq. Grid (nq, B, H), same lists as the forward.
+def _dq_kernel(
+  ids_ref, cnt_ref, mtbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, st: _Static
+):
+  if st.has_segments:
+    qseg_ref, kseg_ref, dq_ref = refs
+  else:
+    (dq_ref,) = refs
+  qi = pl.program_id(0)
+  bq, bk = st.bq, st.bk
+  q, do = q_ref[...], do_ref[...]  # [bq, Dp]
+  lse, dl = lse_ref[...], dl_ref[...]  # [bq]
+  q_pos = st.q_offset + qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+  params = _params(st, mtbl_ref)
+  q_seg = qseg_ref[...] if st.has_segments else None
+
+  def body(j, acc):
+    kb = ids_ref[j]
+    keys = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+    k = k_ref[keys, :]
+    s = lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32) * st.scale
+    k_pos = kb * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    vis = pc.visible(q_pos, k_pos, params, st.num_keys)
+    if st.has_segments:
+      vis = vis & (q_seg[:, None] == kseg_ref[keys][None, :])
+    p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
+    dp = lax.dot_general(do, v_ref[keys, :], NT_DIMS, preferred_element_type=jnp.float32)
+    ds = p * (dp - dl[:, None])
+    return acc + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+  acc = lax.fori_loop(0, cnt_ref[0], body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (acc * st.scale).astype(dq_ref.dtype)
+
+
+# dk/dv. Grid (nk, B, K); loops over the G query heads of kv head kh, then their query blocks.
+def _dkv_kernel(
+  ids_ref, cnt_ref, mtbl_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, *refs, st: _Static
+):
+  if st.has_segments:
+    qseg_ref, kseg_ref, dk_ref, dv_ref = refs
+  else:
+    dk_ref, dv_ref = refs
+  ki = pl.program_id(0)
+  bq, bk = st.bq, st.bk
+  k, v = k_ref[...], v_ref[...]  # [bk, Dp]
+  k_pos = ki * bk + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
+  k_seg = kseg_ref[...] if st.has_segments else None  # [bk]
+
+  def head(g, carry):
+    params = _params(st, mtbl_ref, g)
+
+    def body(j, carry):
+      dk, dv = carry
+      qb = ids_ref[g, j]
+      rows = pl.ds(pl.multiple_of(qb * bq, bq), bq)
+      q = q_ref[rows, g, :]  # [bq, Dp]
+      do = do_ref[rows, g, :]
+      s_t = lax.dot_general(k, q, NT_DIMS, preferred_element_type=jnp.float32) * st.scale
+      q_pos = st.q_offset + qb * bq + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
+      vis = pc.visible(q_pos, k_pos, params, st.num_keys)
+      if st.has_segments:
+        vis = vis & (k_seg[:, None] == qseg_ref[rows][None, :])
+      p_t = jnp.where(vis, jnp.exp(s_t - lse_ref[g, rows][None, :]), 0.0)  # [bk, bq]
+      dv = dv + jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
+      dp_t = lax.dot_general(v, do, NT_DIMS, preferred_element_type=jnp.float32)
+      ds_t = p_t * (dp_t - dl_ref[g, rows][None, :])
+      dk = dk + jnp.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32)
+      return dk, dv
+
+    return lax.fori_loop(0, cnt_ref[g, 0], body, carry)
+
+  zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  dk, dv = lax.fori_loop(0, st.groups, head, zeros)
+  dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _compiler_params(st: _Static):
+  return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
+
+
+def _fwd_call(st: _Static, q, k, v, qseg, kseg, kv_lists):
+  """q ``[B, Tp, H, Dp]``, k/v ``[B, Sp, K, Dp]`` -> o like q, lse ``[B, H, Tp]`` float32."""
+  b, tp, h, dp = q.shape
+  sp = k.shape[1]
+  ids, cnt, mtbl = kv_lists
+  n2 = ids.shape[-1]
+  g, lb = st.groups, st.kv_per_batch
+  in_specs = [
+    pl.BlockSpec((None, None, None, n2), lambda i, b_, h_: (b_ if lb else 0, h_, i, 0)),
+    pl.BlockSpec((None, None, 1), lambda i, b_, h_: (b_ if lb else 0, h_, i)),
+    pl.BlockSpec((None, 4), lambda i, b_, h_: (h_, 0)),
+    pl.BlockSpec((None, st.bq, None, dp), lambda i, b_, h_: (b_, i, h_, 0)),
+    pl.BlockSpec((None, sp, None, dp), lambda i, b_, h_: (b_, 0, lax.div(h_, g), 0)),
+    pl.BlockSpec((None, sp, None, dp), lambda i, b_, h_: (b_, 0, lax.div(h_, g), 0)),
+  ]
+  args = [ids, cnt, mtbl, q, k, v]
+  if st.has_segments:
+    in_specs += [
+      pl.BlockSpec((None, st.bq), lambda i, b_, h_: (b_, i)),
+      pl.BlockSpec((None, sp), lambda i, b_, h_: (b_, 0)),
+    ]
+    args += [qseg, kseg]
+  return pl.pallas_call(
+    functools.partial(_fwd_kernel, st=st),
+    grid=(tp // st.bq, b, h),
+    in_specs=in_specs,
+    out_specs=[
+      pl.BlockSpec((None, st.bq, None, dp), lambda i, b_, h_: (b_, i, h_, 0)),
+      pl.BlockSpec((None, None, st.bq), lambda i, b_, h_: (b_, h_, i)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((b, h, tp), jnp.float32),
+    ],
+    compiler_params=_compiler_params(st),
+    interpret=st.interpret,
+    name="flash_attention_fwd",
+  )(*args)
+
+
+def _dq_call(st: _Static, q, k, v, do, lse, dl, qseg, kseg, kv_lists):
+  b, tp, h, dp = q.shape
+  sp = k.shape[1]
+  ids, cnt, mtbl = kv_lists
+  n2 = ids.shape[-1]
+  g, lb = st.groups, st.kv_per_batch
+  q_map = lambda i, b_, h_: (b_, i, h_, 0)
+  kv_map = lambda i, b_, h_: (b_, 0, lax.div(h_, g), 0)
+  row_map = lambda i, b_, h_: (b_, h_, i)
+  in_specs = [
+    pl.BlockSpec((None, None, None, n2), lambda i, b_, h_: (b_ if lb else 0, h_, i, 0)),
+    pl.BlockSpec((None, None, 1), lambda i, b_, h_: (b_ if lb else 0, h_, i)),
+    pl.BlockSpec((None, 4), lambda i, b_, h_: (h_, 0)),
+    pl.BlockSpec((None, st.bq, None, dp), q_map),
+    pl.BlockSpec((None, sp, None, dp), kv_map),
+    pl.BlockSpec((None, sp, None, dp), kv_map),
+    pl.BlockSpec((None, st.bq, None, dp), q_map),
+    pl.BlockSpec((None, None, st.bq), row_map),
+    pl.BlockSpec((None, None, st.bq), row_map),
+  ]
+  args = [ids, cnt, mtbl, q, k, v, do, lse, dl]
+  if st.has_segments:
+    in_specs += [
+      pl.BlockSpec((None, st.bq), lambda i, b_, h_: (b_, i)),
+      pl.BlockSpec((None, sp), lambda i, b_, h_: (b_, 0)),
+    ]
+    args += [qseg, kseg]
+  return pl.pallas_call(
+    functools.partial(_dq_kernel, st=st),
+    grid=(tp // st.bq, b, h),
+    in_specs=in_specs,
+    out_specs=pl.BlockSpec((None, st.bq, None, dp), q_map),
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=_compiler_params(st),
+    interpret=st.interpret,
+    name="flash_attention_dq",
+  )(*args)
+
+
+def _dkv_call(st: _Static, q, k, v, do, lse, dl, qseg, kseg, q_lists):
+  b, tp, h, dp = q.shape
+  _, sp, kh, _ = k.shape
+  ids, cnt, mtbl = q_lists
+  m2 = ids.shape[-1]
+  g, lb = st.groups, st.q_per_batch
+  kv_map = lambda i, b_, kh_: (b_, i, kh_, 0)
+  q_map = lambda i, b_, kh_: (b_, 0, kh_, 0)
+  row_map = lambda i, b_, kh_: (b_, kh_, 0)
+  in_specs = [
+    pl.BlockSpec((None, g, None, m2), lambda i, b_, kh_: (b_ if lb else 0, kh_, i, 0)),
+    pl.BlockSpec((None, g, 1), lambda i, b_, kh_: (b_ if lb else 0, kh_, i)),
+    pl.BlockSpec((g, 4), lambda i, b_, kh_: (kh_, 0)),
+    pl.BlockSpec((None, tp, g, dp), q_map),
+    pl.BlockSpec((None, st.bk, None, dp), kv_map),
+    pl.BlockSpec((None, st.bk, None, dp), kv_map),
+    pl.BlockSpec((None, tp, g, dp), q_map),
+    pl.BlockSpec((None, g, tp), row_map),
+    pl.BlockSpec((None, g, tp), row_map),
+  ]
+  args = [ids, cnt, mtbl, q, k, v, do, lse, dl]
+  if st.has_segments:
+    in_specs += [
+      pl.BlockSpec((None, tp), lambda i, b_, kh_: (b_, 0)),
+      pl.BlockSpec((None, st.bk), lambda i, b_, kh_: (b_, i)),
+    ]
+    args += [qseg, kseg]
+  return pl.pallas_call(
+    functools.partial(_dkv_kernel, st=st),
+    grid=(sp // st.bk, b, kh),
+    in_specs=in_specs,
+    out_specs=[pl.BlockSpec((None, st.bk, None, dp), kv_map)] * 2,
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=_compiler_params(st),
+    interpret=st.interpret,
+    name="flash_attention_dkv",
+  )(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(st: _Static, q, k, v, qseg, kseg, kv_lists, q_lists):
+  return _fwd_call(st, q, k, v, qseg, kseg, kv_lists)
+
+
+def _flash_fwd(st, q, k, v, qseg, kseg, kv_lists, q_lists):
+  o, lse = _fwd_call(st, q, k, v, qseg, kseg, kv_lists)
+  return (o, lse), (q, k, v, qseg, kseg, kv_lists, q_lists, o, lse)
+
+
+def _flash_bwd(st, res, cts):
+  q, k, v, qseg, kseg, kv_lists, q_lists, o, lse = res
+  do, dlse = cts
+  # d lse / d s = p, so an lse cotangent folds into delta: ds = p * (dp - (delta - dlse)).
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  dl = delta - dlse
+  do = do.astype(q.dtype)
+  dq = _dq_call(st, q, k, v, do, lse, dl, qseg, kseg, kv_lists)
+  dk, dv = _dkv_call(st, q, k, v, do, lse, dl, qseg, kseg, q_lists)
+  nones = lambda xs: tuple(None for _ in xs)
+  return dq, dk, dv, None, None, nones(kv_lists), nones(q_lists)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _gpu_lists(lists: pc.BlockLists, mtbl: np.ndarray):
+  """Expands lists to one per head and pads their length to a power of two (Triton tiles)."""
+  ids, cnt = lists.ids, lists.counts
+  xp = np if isinstance(ids, np.ndarray) else jnp
+  ids, cnt = ids[:, lists.head_map], cnt[:, lists.head_map]
+  n = ids.shape[-1]
+  n2 = pl.next_power_of_2(n)
+  if n2 != n:
+    ids = xp.concatenate([ids, xp.repeat(ids[..., -1:], n2 - n, axis=-1)], axis=-1)
+  return jnp.asarray(ids, jnp.int32), jnp.asarray(cnt, jnp.int32), jnp.asarray(mtbl)
+
+
+def _choose_blocks(bs: BlockSizes, t, s, block_indices, block_size):
+  bq, bk = bs.block_q, bs.block_k
+  if block_indices is not None:
+    bq, bk = int(np.gcd(bq, block_size[0])), int(np.gcd(bk, block_size[1]))
+  # Short inputs: one (power-of-two, >= 16 for tensor-core dots) block covering them.
+  bq = min(bq, max(16, pl.next_power_of_2(t)))
+  bk = min(bk, max(16, pl.next_power_of_2(s)))
+  for x in (bq, bk):
+    if x < 16 or x & (x - 1):
+      raise NotSupportedError(f"GPU blocks must be powers of two >= 16, got ({bq}, {bk})")
+  return bq, bk
+
+
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  masks: Sequence[Mask],
+  segment_ids: tuple[jax.Array, jax.Array] | None,
+  q_offset: int,
+  block_indices: jax.Array | None,
+  block_size: tuple[int, int],
+  scale: float,
+  interpret: bool,
+  block_sizes: BlockSizes | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Flash attention on GPU (Triton) with a Pallas backward (see module docstring).
+
+  Args:
+    q: ``[B, T, H, D]``.
+    k: ``[B, S, K, D]``, ``H % K == 0`` (query head ``h`` reads kv head ``h // (H // K)``).
+    v: ``[B, S, K, V]``.
+    masks: one Mask per query head.
+    segment_ids: optional ``([B, T], [B, S])`` int32; different ids never see each other.
+    q_offset: key position of query row 0.
+    block_indices: optional int32 ``[B, K, ceil(T / block_size[0]), n]`` key blocks per query
+      block (-1 = empty), in blocks of ``block_size``.
+    block_size: ``(bq, bk)`` of ``block_indices``.
+    scale: logit scale.
+    interpret: run the kernels in Pallas interpret mode (CPU).
+    block_sizes: kernel tiling; defaults to :class:`BlockSizes`.
+
+  Returns:
+    ``(o [B, T, H, V], lse [B, T, H] float32)``; a query with no visible key gets 0 and -inf.
+  """
+  masks = tuple(masks)
+  pc.check_inputs(q, k, v, masks, segment_ids, block_indices)
+  if not isinstance(q_offset, (int, np.integer)):
+    raise NotSupportedError("q_offset must be a static int for the Pallas kernels")
+  b, t, h, d = q.shape
+  s, kh, dv = k.shape[1], k.shape[2], v.shape[-1]
+  bs = block_sizes or BlockSizes()
+  bq, bk = _choose_blocks(bs, t, s, block_indices, tuple(block_size))
+  tp, sp = pc.round_up(t, bq), pc.round_up(s, bk)
+  dp = max(16, pl.next_power_of_2(max(d, dv)))
+  kv_lists, q_lists = pc.plan_block_lists(
+    masks,
+    t=t,
+    s=s,
+    q_offset=int(q_offset),
+    bq=bq,
+    bk=bk,
+    num_kv_heads=kh,
+    block_indices=block_indices,
+    block_size=tuple(block_size),
+    segment_ids=segment_ids,
+  )
+  same = all(m == masks[0] for m in masks)
+  st = _Static(
+    mask=pc.mask_params(masks[0]) if same else None,
+    q_offset=int(q_offset),
+    num_keys=s,
+    bq=bq,
+    bk=bk,
+    groups=h // kh,
+    scale=float(scale),
+    has_segments=segment_ids is not None,
+    kv_per_batch=kv_lists.per_batch,
+    q_per_batch=q_lists.per_batch,
+    num_warps=bs.num_warps,
+    num_stages=bs.num_stages,
+    interpret=bool(interpret),
+  )
+  mtbl = pc.mask_table(masks)
+
+  def pad(x, n):  # [B, L, heads, D] -> [B, n, heads, Dp]
+    return jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, dp - x.shape[-1])))
+
+  qseg = kseg = None
+  if segment_ids is not None:
+    qseg = jnp.pad(segment_ids[0].astype(jnp.int32), ((0, 0), (0, tp - t)))
+    kseg = jnp.pad(segment_ids[1].astype(jnp.int32), ((0, 0), (0, sp - s)))
+  o, lse = _flash(
+    st,
+    pad(q, tp),
+    pad(k, sp),
+    pad(v, sp),
+    qseg,
+    kseg,
+    _gpu_lists(kv_lists, mtbl),
+    _gpu_lists(q_lists, mtbl),
+  )
+  return o[:, :t, :, :dv], lse[:, :, :t].transpose(0, 2, 1)
