@@ -8,6 +8,8 @@
     memzoo bench attention|memory|model         kernel and model speed/memory tables
     memzoo models                               list registered model families and presets
     memzoo check CONFIG.yaml [key=value ...]    validate a config and print it resolved
+    memzoo export RUN --format FMT [--out DIR]  safetensors, hf (Llama directory) or stablehlo
+    memzoo import-hf DIR --run RUN              a local HF Llama/Mistral/Qwen2 model as a run
 """
 
 from __future__ import annotations
@@ -109,6 +111,22 @@ def _bench(args) -> int:
   return 0
 
 
+def _export(args) -> int:
+  from pipelines import export
+
+  out = export.export(args.run, args.format, args.out)
+  print(f"wrote {args.format} export of {args.run} to {out}")
+  return 0
+
+
+def _import_hf(args) -> int:
+  from pipelines import hf
+
+  run = hf.import_hf(args.dir, args.run)
+  print(f"imported {args.dir} as run {run} (step 0)")
+  return 0
+
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="memzoo", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
@@ -149,6 +167,15 @@ def parser() -> argparse.ArgumentParser:
   b.add_argument("what", choices=["attention", "memory", "model"])
   b.add_argument("rest", nargs=argparse.REMAINDER)
   b.set_defaults(fn=_bench)
+  ex = sub.add_parser("export", help="export a run: safetensors, hf or stablehlo")
+  ex.add_argument("run")
+  ex.add_argument("--format", required=True, choices=["safetensors", "hf", "stablehlo"])
+  ex.add_argument("--out", default=None, help="output directory (default RUN/export/FORMAT)")
+  ex.set_defaults(fn=_export)
+  ih = sub.add_parser("import-hf", help="turn a local Hugging Face model directory into a run")
+  ih.add_argument("dir")
+  ih.add_argument("--run", required=True, help="the run directory to create")
+  ih.set_defaults(fn=_import_hf)
   return p
 
 

@@ -97,7 +97,11 @@ def shard_params(params: nnx.State, mesh: Mesh) -> nnx.State:
 def batch_spec(mesh: Mesh, ndim: int) -> PartitionSpec:
   axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
   lead = axes if len(axes) > 1 else (axes[0] if axes else None)
-  return PartitionSpec(lead, *([None] * (ndim - 1)))
+  rest = [None] * (ndim - 1)
+  # Sequence parallelism: [B, T, ...] inputs are split along T over the context axis.
+  if ndim >= 2 and mesh.shape["context"] > 1:
+    rest[0] = "context"
+  return PartitionSpec(lead, *rest)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -58,7 +58,12 @@ def loss_fn(graphdef, params, rest, batch, remat: bool = False):
   model = nnx.merge(graphdef, params, rest)
   if remat and hasattr(model, "remat"):
     model.remat = True
-  logits, _ = model(batch["inputs"], segment_ids=batch["segment_ids"])
+  if getattr(model, "accepts_segment_ids", True):
+    logits, _ = model(batch["inputs"], segment_ids=batch["segment_ids"])
+  else:
+    # Families that run one stream per row (block memories, segment recurrence) read the
+    # packed row as one stream; targets across a document boundary stay masked.
+    logits, _ = model(batch["inputs"])
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   mask = batch["loss_mask"]
   total = jnp.sum(nll * mask)
@@ -178,7 +183,11 @@ def train(
     params, opt_state = state["params"], sharding.place_state(state["opt"], mesh)
     if data_state is not None:
       it.set_state(data_state)
-  metrics_out = MetricsWriter(run_dir, resume_step=start)
+  # Every process sees the same (global) metrics; one writes them.
+  if jax.process_index() == 0:
+    metrics_out = MetricsWriter(run_dir, resume_step=start)
+  else:
+    metrics_out = _NoMetrics()
   heldout = loader.heldout_batches(data.heldout, exp.data.batch_size, max(cfg.eval_batches, 1))
 
   lr_at = schedule(cfg)
@@ -235,6 +244,16 @@ def train(
     ckpt.close()
     metrics_out.close()
   return TrainResult(cfg.steps, params, graphdef, history, run_dir)
+
+
+class _NoMetrics:
+  """The metrics writer of non-primary processes in a multi-host run."""
+
+  def write(self, step: int, **values: Any) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
 
 
 def load_run(run_dir: str | Path, step: int | None = None):

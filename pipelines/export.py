@@ -1,0 +1,213 @@
+"""Exporting a run: safetensors (reloadable without Orbax), Hugging Face, StableHLO.
+
+``memzoo export RUN --format safetensors`` writes ``model.safetensors`` with memzoo's own
+parameter names (``blocks.0.attn.wq``) and a ``config.json`` holding the experiment and the
+file's SHA-256, so a flipped bit is refused on reload. ``--format hf`` is in ``pipelines.hf``.
+``--format stablehlo`` serialises ``jax.export`` artifacts of the forward pass and of one decode
+step; both take the weights as a ``{name: array}`` argument (read them from the safetensors file
+written beside them), so serving needs neither the zoo's Python code nor Flax.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pipelines import config as config_lib
+
+FORMAT = "memzoo-safetensors"
+FORMATS = ("safetensors", "hf", "stablehlo")
+
+
+class CorruptFileError(ValueError):
+  """A weights file is truncated, corrupt or does not match its config."""
+
+
+def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
+  """``{"blocks.0.attn.wq": array}`` for every ``nnx.Param`` of ``model`` (host copies)."""
+  params = nnx.state(model, nnx.Param)
+  return {
+    ".".join(str(p) for p in path): np.asarray(jax.device_get(v[...]))
+    for path, v in nnx.to_flat_state(params)
+  }
+
+
+def assign_params(model: nnx.Module, weights: dict[str, np.ndarray], source: str) -> None:
+  """Writes ``weights`` into ``model``'s parameters in place, checking names, shapes, dtypes.
+
+  Raises:
+    CorruptFileError: a missing, unexpected or mis-shaped tensor (named in the message).
+  """
+  params = nnx.state(model, nnx.Param)
+  flat = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(params)}
+  missing = sorted(set(flat) - set(weights))
+  extra = sorted(set(weights) - set(flat))
+  if missing or extra:
+    raise CorruptFileError(f"{source}: missing tensors {missing[:5]}, unexpected {extra[:5]}")
+  for name, var in flat.items():
+    w = weights[name]
+    if tuple(w.shape) != tuple(var[...].shape):
+      raise CorruptFileError(
+        f"{source}: tensor {name!r} has shape {tuple(w.shape)}, the model expects "
+        f"{tuple(var[...].shape)}"
+      )
+    var[...] = jnp.asarray(w, var[...].dtype)
+
+
+def sha256(path: str | Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+  """All tensors of a safetensors file as numpy arrays.
+
+  Raises:
+    CorruptFileError: the file is truncated or its header is not valid safetensors.
+  """
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"no safetensors file at {path}")
+  try:
+    return load_file(str(path))
+  except (SafetensorError, ValueError, OSError) as e:
+    raise CorruptFileError(f"{path}: not a readable safetensors file (truncated?): {e}") from None
+
+
+def save_safetensors(model: nnx.Module, exp: config_lib.Experiment, out: str | Path, step: int):
+  """Writes ``out/model.safetensors`` and ``out/config.json``; returns ``out``."""
+  from safetensors.numpy import save_file
+
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  weights = flat_params(model)
+  save_file(weights, str(out / "model.safetensors"), metadata={"format": FORMAT})
+  meta = {
+    "format": FORMAT,
+    "version": 1,
+    "step": step,
+    "sha256": sha256(out / "model.safetensors"),
+    "experiment": exp.to_dict(),
+  }
+  (out / "config.json").write_text(json.dumps(meta, indent=2))
+  return out
+
+
+def load_safetensors(directory: str | Path) -> tuple[config_lib.Experiment, nnx.Module, int]:
+  """(experiment, model, step) from a ``save_safetensors`` directory; no Orbax involved.
+
+  Raises:
+    CorruptFileError: checksum mismatch, truncated file, or tensors that do not fit the config.
+  """
+  from pipelines.train import build_model
+
+  directory = Path(directory)
+  meta = json.loads((directory / "config.json").read_text())
+  if meta.get("format") != FORMAT:
+    raise CorruptFileError(f"{directory}/config.json is not a {FORMAT} export")
+  path = directory / "model.safetensors"
+  if path.is_file() and sha256(path) != meta["sha256"]:
+    raise CorruptFileError(
+      f"{path}: SHA-256 does not match config.json (the file is corrupt or was replaced)"
+    )
+  weights = read_safetensors(path)
+  exp = config_lib.from_dict(meta["experiment"], source=str(directory / "config.json"))
+  graphdef, params, rest = build_model(exp)
+  model = nnx.merge(graphdef, params, rest)
+  assign_params(model, weights, str(path))
+  return exp, model, int(meta["step"])
+
+
+def _functional(model: nnx.Module):
+  """(graphdef, rest, names) so a function of a ``{name: array}`` dict rebuilds ``model``."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  paths = [path for path, _ in nnx.to_flat_state(params)]
+  names = [".".join(str(p) for p in path) for path in paths]
+
+  def rebuild(weights: dict[str, jax.Array]) -> nnx.Module:
+    flat = nnx.to_flat_state(params)
+    new = nnx.from_flat_state(
+      [(path, var.replace(weights[name])) for (path, var), name in zip(flat, names)]
+    )
+    return nnx.merge(graphdef, new, rest)
+
+  return rebuild, names
+
+
+def export_stablehlo(
+  model: nnx.Module,
+  out: str | Path,
+  *,
+  batch: int = 1,
+  seq_len: int = 64,
+  max_len: int | None = None,
+  platforms: tuple[str, ...] = ("cpu",),
+) -> dict[str, Path]:
+  """Serialises ``forward(weights, tokens [batch, seq_len]) -> logits`` and
+  ``decode_step(weights, tokens [batch, 1], state) -> (logits, state)``.
+
+  Returns the paths written: ``forward.stablehlo``, ``decode_step.stablehlo`` and
+  ``decode_state.npz`` (the empty decode state, the step's initial input).
+  """
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  rebuild, names = _functional(model)
+  weights = {n: jax.ShapeDtypeStruct(w.shape, w.dtype) for n, w in flat_params(model).items()}
+
+  def forward(w, tokens):
+    return rebuild(w)(tokens)[0]
+
+  def decode_step(w, tokens, state):
+    return rebuild(w).step(tokens, state)
+
+  tok = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+  fwd = jax.export.export(jax.jit(forward), platforms=platforms)(weights, tok)
+  state = model.init_state(batch, max_len)
+  state_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  one = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+  dec = jax.export.export(jax.jit(decode_step), platforms=platforms)(weights, one, state_spec)
+  paths = {"forward": out / "forward.stablehlo", "decode_step": out / "decode_step.stablehlo"}
+  paths["forward"].write_bytes(fwd.serialize())
+  paths["decode_step"].write_bytes(dec.serialize())
+  leaves = jax.tree.leaves(state)
+  paths["decode_state"] = out / "decode_state.npz"
+  np.savez(paths["decode_state"], *[np.asarray(x) for x in leaves])
+  return paths
+
+
+def load_stablehlo(path: str | Path) -> jax.export.Exported:
+  """Deserialises an artifact; call it with ``exported.call(weights, *args)``."""
+  return jax.export.deserialize(bytearray(Path(path).read_bytes()))
+
+
+def export(run: str | Path, fmt: str, out: str | Path | None = None, **kwargs: Any) -> Path:
+  """``memzoo export``: writes ``fmt`` of the run's latest checkpoint to ``out`` (default
+  ``RUN/export/<fmt>``); returns the directory."""
+  from pipelines.train import load_run
+
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown export format {fmt!r}; use one of {FORMATS}")
+  exp, model, step = load_run(run)
+  out = Path(out) if out is not None else Path(run) / "export" / fmt
+  if fmt == "safetensors":
+    return save_safetensors(model, exp, out, step)
+  if fmt == "hf":
+    from pipelines import hf
+
+    return hf.export_hf(model, out)
+  save_safetensors(model, exp, out, step)
+  export_stablehlo(model, out, seq_len=kwargs.get("seq_len", exp.data.seq_len))
+  return out
