@@ -12,6 +12,8 @@ import ops.attention as attn_ops
 from zoo.layers.params import fan_in, param
 from zoo.layers.rope import RopeScaling, apply_rope, inv_frequencies
 
+CAUSAL = attn_ops.Mask(causal=True)
+
 
 class Attention(nnx.Module):
   """Multi-head attention with ``n_kv_heads`` shared key/value heads (GQA) and RoPE.
@@ -29,7 +31,7 @@ class Attention(nnx.Module):
     *,
     rope_base: float = 10000.0,
     rope_scaling: RopeScaling | None = None,
-    mask: attn_ops.Mask | tuple[attn_ops.Mask, ...] = attn_ops.Mask(causal=True),
+    mask: attn_ops.Mask | tuple[attn_ops.Mask, ...] = CAUSAL,
     implementation: str | None = None,
     rngs: nnx.Rngs,
   ):
@@ -43,21 +45,33 @@ class Attention(nnx.Module):
     self.wk = param(rngs, init, (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
     self.wv = param(rngs, init, (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
     self.wo = param(
-      rngs, fan_in([n_heads, head_dim]), (n_heads, head_dim, d_model), ("heads", "head_dim", "embed")
+      rngs,
+      fan_in([n_heads, head_dim]),
+      (n_heads, head_dim, d_model),
+      ("heads", "head_dim", "embed"),
     )
 
   def rope(self, seq_len: int):
     """(inv_freq, mscale) for a sequence whose longest position is ``seq_len``."""
     return inv_frequencies(self.head_dim, self.rope_base, self.rope_scaling, seq_len)
 
-  def project_qkv(self, x: jax.Array, positions: jax.Array, seq_len: int):
-    """Returns rotated ``q [B,T,H,Dh]``, ``k, v [B,T,K,Dh]``."""
+  def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Un-rotated ``q [B,T,H,Dh]``, ``k, v [B,T,K,Dh]`` (cache policies place RoPE themselves)."""
     dt = x.dtype
     q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+    return q, k, v
+
+  def rotate(self, x: jax.Array, positions: jax.Array, seq_len: int) -> jax.Array:
+    """RoPE of ``x [B,T,heads,Dh]`` at ``positions [B,T]`` (``seq_len``: longest position)."""
     inv_freq, mscale = self.rope(seq_len)
-    return apply_rope(q, positions, inv_freq, mscale), apply_rope(k, positions, inv_freq, mscale), v
+    return apply_rope(x, positions, inv_freq, mscale)
+
+  def project_qkv(self, x: jax.Array, positions: jax.Array, seq_len: int):
+    """Returns rotated ``q [B,T,H,Dh]``, ``k, v [B,T,K,Dh]``."""
+    q, k, v = self.project(x)
+    return self.rotate(q, positions, seq_len), self.rotate(k, positions, seq_len), v
 
   def out(self, o: jax.Array) -> jax.Array:
     return jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(o.dtype))
@@ -95,7 +109,5 @@ class Attention(nnx.Module):
       "k": write(cache["k"], k.astype(cache["k"].dtype), lengths),
       "v": write(cache["v"], v.astype(cache["v"].dtype), lengths),
     }
-    o = attn_ops.decode_attention(
-      q, cache["k"], cache["v"], lengths=lengths + t, mask=self.mask
-    )
+    o = attn_ops.decode_attention(q, cache["k"], cache["v"], lengths=lengths + t, mask=self.mask)
     return self.out(o.astype(x.dtype)), cache
