@@ -1,0 +1,164 @@
+"""MQAR recall by model and state size: ``python -m pipelines.mqar_table [--steps N ...]``.
+
+Trains each recurrent model at two state sizes (and the transformer, the ceiling whose KV cache
+grows with the sequence) on multi-query associative recall with one fixed budget, and writes a
+Markdown table of held-out accuracy. The BASED paper's ordering to look for: attention > BASED >
+pure linear attention at equal state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+
+import zoo
+from pipelines.synthetic import Budget, count_params, train_on_task
+from pipelines.tasks.mqar import MQAR
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  label: str  # the row's model name
+  family: str
+  overrides: dict[str, Any]
+
+
+# Two state sizes per model, from the tiny presets (d_model 64). "linear attention" is BASED
+# without its sliding-window layer: Taylor linear attention alone.
+VARIANTS = (
+  Variant(
+    "transformer", "transformer", {"d_model": 64, "n_heads": 4, "n_kv_heads": 4, "d_ff": 128}
+  ),
+  Variant("based", "based", {"feature_dim": 4}),
+  Variant("based", "based", {"feature_dim": 8}),
+  Variant("linear attention", "based", {"feature_dim": 4, "attention_layers": ()}),
+  Variant("linear attention", "based", {"feature_dim": 8, "attention_layers": ()}),
+  Variant("deltanet", "deltanet", {"n_heads": 4}),
+  Variant("deltanet", "deltanet", {"n_heads": 2}),
+  Variant("gated_deltanet", "gated_deltanet", {"n_heads": 4}),
+  Variant("gated_deltanet", "gated_deltanet", {"n_heads": 2}),
+  Variant("mamba2", "mamba2", {"n_layers": 2, "d_state": 8, "d_ff": 128}),
+  Variant("mamba2", "mamba2", {"n_layers": 2, "d_state": 16, "d_ff": 128}),
+  Variant("mom", "mom", {"n_heads": 4, "n_memories": 2, "top_k": 1}),
+  Variant("mom", "mom", {"n_heads": 4, "n_memories": 4, "top_k": 2}),
+  Variant("jrt", "jrt", {"feature_dim": 4}),
+  Variant("jrt", "jrt", {"feature_dim": 8}),
+)
+
+DEFAULT_BUDGET = Budget(steps=300, batch_size=32)
+
+
+def state_size(cfg: Any) -> int | None:
+  """Recall-state floats per sequence (None: grows with the sequence, i.e. a KV cache)."""
+  model = nnx.eval_shape(lambda: zoo.build(cfg, rngs=nnx.Rngs(0)))
+  fn = getattr(model, "state_size", None)
+  return fn() if fn is not None else None
+
+
+def mqar_table(
+  *,
+  budget: Budget = DEFAULT_BUDGET,
+  length: int = 64,
+  num_pairs: int = 8,
+  token_range: tuple[int, int] = (0, 64),
+  families: tuple[str, ...] | None = None,
+  seed: int = 0,
+  progress: bool = False,
+) -> list[dict[str, Any]]:
+  """Trains every variant (optionally only those of ``families``) and scores it.
+
+  Returns one dict per variant: label, family, overrides, state, params, accuracy, chance,
+  seconds.
+  """
+  kw = {"length": length, "num_pairs": num_pairs, "token_range": token_range}
+  train = MQAR(seed=seed, **kw)
+  held_out = MQAR(seed=seed + 1, num_examples=max(budget.eval_examples, 1), **kw)
+  rows = []
+  for v in VARIANTS:
+    if families and v.label not in families and v.family not in families:
+      continue
+    overrides = dict(v.overrides)
+    if v.family != "transformer":
+      # One chunk per sequence when the sequence is short: no padded work.
+      overrides.setdefault("chunk_size", min(64, 1 << (length - 1).bit_length()))
+    cfg = zoo.config(v.family, "tiny", **overrides)
+    start = time.perf_counter()
+    result = train_on_task(cfg, train, held_out, budget, seed=seed, progress=progress)
+    rows.append(
+      {
+        "label": v.label,
+        "family": v.family,
+        "overrides": v.overrides,
+        "state": state_size(cfg),
+        "params": count_params(cfg),
+        "accuracy": result["accuracy"],
+        "chance": result["chance"],
+        "seconds": time.perf_counter() - start,
+      }
+    )
+    if progress:
+      r = rows[-1]
+      print(f"{v.label} {v.overrides}: acc {r['accuracy']:.3f} ({r['seconds']:.0f} s)", flush=True)
+  return rows
+
+
+def to_markdown(rows: list[dict[str, Any]], *, caption: str = "") -> str:
+  """A Markdown table, one row per variant, sorted by model then state size."""
+  lines = [caption, ""] if caption else []
+  lines += [
+    "| model | variant | state (floats / sequence) | params | MQAR accuracy | train s |",
+    "|---|---|---:|---:|---:|---:|",
+  ]
+  key = lambda r: (r["label"] != "transformer", r["label"], r["state"] or 0)
+  for r in sorted(rows, key=key):
+    variant = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "tiny"
+    state = "KV cache (grows with T)" if r["state"] is None else f"{r['state']:,}"
+    lines.append(
+      f"| {r['label']} | {variant} | {state} | {r['params']:,} | {r['accuracy']:.3f} | "
+      f"{r['seconds']:.0f} |"
+    )
+  if rows:
+    lines += ["", f"Chance: {rows[0]['chance']:.3f}."]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--eval-examples", type=int, default=256)
+  p.add_argument("--length", type=int, default=64)
+  p.add_argument("--pairs", type=int, default=8)
+  p.add_argument("--token-range", type=int, default=64, help="keys and values use ids [0, N)")
+  p.add_argument("--families", nargs="*", default=None, help="only these rows (label or family)")
+  p.add_argument("--out", type=Path, default=None, help="write the table here too")
+  a = p.parse_args(argv)
+  budget = Budget(steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_examples=a.eval_examples)
+  rows = mqar_table(
+    budget=budget,
+    length=a.length,
+    num_pairs=a.pairs,
+    token_range=(0, a.token_range),
+    families=tuple(a.families) if a.families else None,
+    progress=True,
+  )
+  caption = (
+    f"MQAR, length {a.length}, {a.pairs} pairs, ids [0, {a.token_range}); "
+    f"{a.steps} steps x batch {a.batch_size}, lr {a.lr}; {a.eval_examples} held-out examples."
+  )
+  table = to_markdown(rows, caption=caption)
+  print(table)
+  if a.out is not None:
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(table)
+  return table
+
+
+if __name__ == "__main__":
+  main()
