@@ -104,8 +104,16 @@ def bench_model(
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-  cols = ["model", "length", "train_tok_s", "train_ms", "train_mem_MB", "mfu", "decode_tok_s",
-          "decode_ms"]
+  cols = [
+    "model",
+    "length",
+    "train_tok_s",
+    "train_ms",
+    "train_mem_MB",
+    "mfu",
+    "decode_tok_s",
+    "decode_ms",
+  ]
   if any("error" in r for r in rows):
     cols.append("error")
   return markdown_table(rows, cols)

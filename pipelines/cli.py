@@ -1,15 +1,15 @@
 """The ``memzoo`` command line.
 
-    memzoo train CONFIG.yaml [key=value ...]    train (resumes from the run's latest checkpoint)
-    memzoo eval RUN [--suite NAME]              held-out perplexity and synthetic tasks
-    memzoo extrapolate RUN [--factors ...]      loss by position/length, passkey grids, RoPE variants
-    memzoo demo [CONFIG.yaml] [key=value ...]   train + evaluate + sample + report
-    memzoo report RUN                           (re)write RUN/report.md
-    memzoo bench attention|memory|model         kernel and model speed/memory tables
-    memzoo models                               list registered model families and presets
-    memzoo check CONFIG.yaml [key=value ...]    validate a config and print it resolved
-    memzoo export RUN --format FMT [--out DIR]  safetensors, hf (Llama directory) or stablehlo
-    memzoo import-hf DIR --run RUN              a local HF Llama/Mistral/Qwen2 model as a run
+memzoo train CONFIG.yaml [key=value ...]    train (resumes from the run's latest checkpoint)
+memzoo eval RUN [--suite NAME]              held-out perplexity and synthetic tasks
+memzoo extrapolate RUN [--factors ...]      loss by position/length, passkey grids, RoPE variants
+memzoo demo [CONFIG.yaml] [key=value ...]   train + evaluate + sample + report
+memzoo report RUN                           (re)write RUN/report.md
+memzoo bench attention|memory|model         kernel and model speed/memory tables
+memzoo models                               list registered model families and presets
+memzoo check CONFIG.yaml [key=value ...]    validate a config and print it resolved
+memzoo export RUN --format FMT [--out DIR]  safetensors, hf (Llama directory) or stablehlo
+memzoo import-hf DIR --run RUN              a local HF Llama/Mistral/Qwen2 model as a run
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ def _extrapolate(args) -> int:
   factors = tuple(float(x) for x in args.factors.split(","))
   variants = tuple(args.variants.split(","))
   res = extrapolate.run(
-    args.run, factors=factors, variants=variants, windows=args.windows,
+    args.run,
+    factors=factors,
+    variants=variants,
+    windows=args.windows,
     passkey_examples=args.passkey_examples,
   )
   for name, v in res["variants"].items():
@@ -148,7 +151,8 @@ def parser() -> argparse.ArgumentParser:
   x.add_argument("run")
   x.add_argument("--factors", default="1,2,4,8,16", help="lengths as multiples of training L")
   x.add_argument(
-    "--variants", default="none,ntk,yarn,sinks_window",
+    "--variants",
+    default="none,ntk,yarn,sinks_window",
     help="none, linear, ntk, dynamic_ntk, yarn, abf, truncated, window, sinks_window",
   )
   x.add_argument("--windows", type=int, default=4, help="held-out windows per length")

@@ -282,7 +282,9 @@ def _model(source: str, values: Any) -> Any:
   valid = field_names(cfg[preset]())
   for key in values:
     if key not in valid or key == "family":
-      _unknown(source, f"model.{key}", key, [v for v in valid if v != "family"] + ["name", "preset"])
+      _unknown(
+        source, f"model.{key}", key, [v for v in valid if v != "family"] + ["name", "preset"]
+      )
   try:
     return zoo.config(name, preset, **values)
   except pydantic.ValidationError as e:

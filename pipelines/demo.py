@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from pipelines import config as config_lib
 from pipelines import evaluate, report
 from pipelines.data.tokenizer import ByteTokenizer
@@ -41,7 +40,8 @@ def write_report(run_dir: str | Path) -> Path:
   body = [
     f"Model `{exp.model.family}` trained for {step} steps of {exp.data.batch_size} x "
     f"{exp.data.seq_len} tokens on the `{manifest['source']}` corpus "
-    f"({manifest['files']} files, {manifest['bytes']:,} bytes, sha256 `{manifest['sha256'][:16]}`).",
+    f"({manifest['files']} files, {manifest['bytes']:,} bytes, "
+    f"sha256 `{manifest['sha256'][:16]}`).",
     "",
     f"![training loss]({plot.name})",
     "",
@@ -63,5 +63,3 @@ def write_report(run_dir: str | Path) -> Path:
     out.write_text(f"# memzoo run report: `{run_dir.name}`\n\n")
   report.write_section(out, "Training and held-out evaluation", "\n".join(body))
   return out
-
-

@@ -53,14 +53,25 @@ def synthetic(run_dir: str | Path, *, factors=(1, 2, 4), n: int = 32) -> list[di
         source = get_task(name, length=length, seed=1234, **params)
       except ValueError as e:  # the task does not fit this length
         rows.append(
-          {"task": name, "length": length, "accuracy": None, "n": 0, "chance": "too short",
-           "note": str(e)}
+          {
+            "task": name,
+            "length": length,
+            "accuracy": None,
+            "n": 0,
+            "chance": "too short",
+            "note": str(e),
+          }
         )
         continue
       res = evaluate_task(predict, source, min(n, len(source)), batch_size=8)
       rows.append(
-        {"task": name, "length": length, "accuracy": res["accuracy"], "n": res["n"],
-         "chance": source.chance}
+        {
+          "task": name,
+          "length": length,
+          "accuracy": res["accuracy"],
+          "n": res["n"],
+          "chance": source.chance,
+        }
       )
   return rows
 
@@ -104,5 +115,7 @@ def format_rows(out: dict[str, Any]) -> str:
     for k, v in out["heldout"].items():
       lines.append(f"{k:28s} {v}")
   if "synthetic" in out:
-    lines.append(report.markdown_table(out["synthetic"], ["task", "length", "accuracy", "n", "chance"]))
+    lines.append(
+      report.markdown_table(out["synthetic"], ["task", "length", "accuracy", "n", "chance"])
+    )
   return "\n".join(lines)

@@ -22,8 +22,8 @@ import zoo
 from pipelines import plots, report
 from pipelines.data import loader
 from pipelines.streaming import ChunkedRunner
-from pipelines.tasks import grid
 from pipelines.tasks import evaluate as evaluate_task
+from pipelines.tasks import grid
 from pipelines.train import load_run
 
 ROPE_VARIANTS = ("linear", "ntk", "dynamic_ntk", "yarn", "abf", "truncated")
@@ -151,8 +151,11 @@ def run(
       }
     pk_lengths = sorted({int(train_len * f) for f in passkey_factors})
     results["variants"][name] = {
-      "config": {"rope_scaling": str(getattr(cfg, "rope_scaling", None)),
-                 "window": getattr(cfg, "window", None), "sinks": getattr(cfg, "sinks", None)},
+      "config": {
+        "rope_scaling": str(getattr(cfg, "rope_scaling", None)),
+        "window": getattr(cfg, "window", None),
+        "sinks": getattr(cfg, "sinks", None),
+      },
       "perplexity": per_length,
       "passkey": passkey_grid(vm, list(depths), pk_lengths, passkey_examples, chunk),
     }

@@ -57,7 +57,9 @@ def train_on_task(
   sched = optax.warmup_cosine_decay_schedule(
     0.0, budget.lr, min(budget.warmup, budget.steps - 1), max(budget.steps, 2), budget.lr * 0.1
   )
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=budget.weight_decay))
+  tx = optax.chain(
+    optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=budget.weight_decay)
+  )
   opt_state = tx.init(params)
 
   def loss_fn(p, batch):
@@ -83,7 +85,9 @@ def train_on_task(
   def predict(p, inputs):
     return nnx.merge(graphdef, p, rest)(inputs)[0]
 
-  result = evaluate_task(lambda x: predict(params, jnp.asarray(x)), eval_source, budget.eval_examples)
+  result = evaluate_task(
+    lambda x: predict(params, jnp.asarray(x)), eval_source, budget.eval_examples
+  )
   return {
     "accuracy": result["accuracy"],
     "n": result["n"],

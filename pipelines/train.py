@@ -10,8 +10,9 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -193,7 +194,10 @@ def train(
   lr_at = schedule(cfg)
   history: list[dict[str, Any]] = []
   bar = tqdm(
-    total=cfg.steps, initial=start, desc=f"train {exp.model.family}", disable=not cfg.progress,
+    total=cfg.steps,
+    initial=start,
+    desc=f"train {exp.model.family}",
+    disable=not cfg.progress,
     dynamic_ncols=True,
   )
   last_time, last_tokens, skipped = time.perf_counter(), 0.0, 0
@@ -225,7 +229,11 @@ def train(
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
       if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
         ev = evaluate_loss(eval_step, params, heldout[: cfg.eval_batches or 1], put)
-        record = {**(record or {}), "eval_loss": ev["loss"], "eval_bits_per_byte": ev["bits_per_byte"]}
+        record = {
+          **(record or {}),
+          "eval_loss": ev["loss"],
+          "eval_bits_per_byte": ev["bits_per_byte"],
+        }
       if record is not None:
         metrics_out.write(step, **record)
         history.append({"step": step, **record})

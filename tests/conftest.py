@@ -10,6 +10,7 @@ import os
 
 _FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0")
 os.environ["XLA_FLAGS"] = " ".join(
-  [os.environ.get("XLA_FLAGS", "")] + [f for f in _FLAGS if f not in os.environ.get("XLA_FLAGS", "")]
+  [os.environ.get("XLA_FLAGS", "")]
+  + [f for f in _FLAGS if f not in os.environ.get("XLA_FLAGS", "")]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

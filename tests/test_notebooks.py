@@ -27,6 +27,8 @@ def test_notebook_runs(path, monkeypatch):
   monkeypatch.setenv("MEMZOO_TINY", "1")
   monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device, as on a Colab CPU runtime
   nb = nbformat.read(path, as_version=4)
-  client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(COLAB)}})
+  client = NotebookClient(
+    nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(COLAB)}}
+  )
   client.execute()  # raises CellExecutionError naming the failing cell
   assert os.environ["MEMZOO_TINY"] == "1"

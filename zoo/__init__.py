@@ -4,7 +4,9 @@
 
 from zoo.registry import build, config, family, list_models, presets, register
 
-register("transformer", "zoo.transformer", "Transformer", "Llama-style baseline (GQA, RoPE, SwiGLU)")
+register(
+  "transformer", "zoo.transformer", "Transformer", "Llama-style baseline (GQA, RoPE, SwiGLU)"
+)
 register("streaming", "zoo.streaming", "StreamingLLM", "sinks + rolling window, position shift")
 register("duo", "zoo.duo", "DuoAttention", "full retrieval heads, sinks+window streaming heads")
 register("infllm", "zoo.infllm", "InfLLM", "training-free block memory, top-k retrieval")

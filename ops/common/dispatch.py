@@ -26,12 +26,12 @@ def resolve_interpret(interpret: bool | None) -> bool:
 
 
 def dispatch(
-    op: str,
-    implementations: Mapping[str, Callable[..., Any]],
-    implementation: str | Sequence[str] | None,
-    defaults: Mapping[str, Sequence[str]],
-    *args: Any,
-    **kwargs: Any,
+  op: str,
+  implementations: Mapping[str, Callable[..., Any]],
+  implementation: str | Sequence[str] | None,
+  defaults: Mapping[str, Sequence[str]],
+  *args: Any,
+  **kwargs: Any,
 ) -> Any:
   """Runs ``op`` with the chosen implementation.
 
@@ -62,7 +62,7 @@ def dispatch(
   for name in names:
     if name not in implementations:
       raise ValueError(
-          f"{op}: unknown implementation {name!r}; choose from {sorted(implementations)}"
+        f"{op}: unknown implementation {name!r}; choose from {sorted(implementations)}"
       )
   failures = []
   for name in names:
@@ -72,4 +72,6 @@ def dispatch(
       if explicit and len(names) == 1:
         raise NotSupportedError(f"{op}: implementation {name!r} cannot serve this call: {e}") from e
       failures.append(f"{name}: {e}")
-  raise NotSupportedError(f"{op}: no implementation could serve this call:\n  " + "\n  ".join(failures))
+  raise NotSupportedError(
+    f"{op}: no implementation could serve this call:\n  " + "\n  ".join(failures)
+  )

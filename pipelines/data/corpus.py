@@ -51,7 +51,9 @@ def stdlib_corpus(max_documents: int = 0) -> Corpus:
   """Every ``.py`` file of the running interpreter's standard library (no site-packages)."""
   root = stdlib_root()
   files = sorted(
-    p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts
+    p
+    for p in root.rglob("*.py")
+    if "site-packages" not in p.parts and "dist-packages" not in p.parts
   )
   return _from_files(files, root, "stdlib", max_documents)
 

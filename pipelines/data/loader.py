@@ -70,7 +70,9 @@ def train_dataset(source: PackedSequences, batch_size: int, seed: int) -> grain.
   return ds.to_iter_dataset()
 
 
-def heldout_batches(source: PackedSequences, batch_size: int, n: int) -> list[dict[str, np.ndarray]]:
+def heldout_batches(
+  source: PackedSequences, batch_size: int, n: int
+) -> list[dict[str, np.ndarray]]:
   """The first ``n`` held-out batches in order (the same every evaluation)."""
   out = []
   for b in range(n):

@@ -89,7 +89,9 @@ def test_text_and_jsonl_sources(tmp_path):
 
 
 def _cfg(**kw):
-  return DataConfig(**{"source": "stdlib", "max_documents": 40, "seq_len": 32, "batch_size": 4, **kw})
+  return DataConfig(
+    **{"source": "stdlib", "max_documents": 40, "seq_len": 32, "batch_size": 4, **kw}
+  )
 
 
 def test_training_order_deterministic_and_resumable():

@@ -25,8 +25,13 @@ def run_dir(tmp_path_factory):
       "data": {"source": "stdlib", "max_documents": 120, "seq_len": L, "batch_size": 16},
       "mesh": {"data": 1},
       "train": {
-        "steps": 250, "lr": 5e-3, "warmup_steps": 20, "eval_every": 0, "checkpoint_every": 250,
-        "async_checkpoint": False, "progress": False,
+        "steps": 250,
+        "lr": 5e-3,
+        "warmup_steps": 20,
+        "eval_every": 0,
+        "checkpoint_every": 250,
+        "async_checkpoint": False,
+        "progress": False,
       },
       "eval": {"batches": 2, "sample_tokens": 0},
     }
@@ -56,8 +61,13 @@ def test_variant_configs():
 @pytest.mark.slow
 def test_extrapolation_shows_the_known_picture(run_dir):
   res = extrapolate.run(
-    run_dir, factors=(1, 8), variants=("none", "ntk", "sinks_window"), windows=4,
-    passkey_factors=(4,), depths=(0.0, 1.0), passkey_examples=2,
+    run_dir,
+    factors=(1, 8),
+    variants=("none", "ntk", "sinks_window"),
+    windows=4,
+    passkey_factors=(4,),
+    depths=(0.0, 1.0),
+    passkey_examples=2,
   )
   per = {k: v["perplexity"] for k, v in res["variants"].items()}
   n = str(8 * L)

@@ -13,7 +13,14 @@ from pipelines.metrics import read
 from pipelines.train import NonFiniteLossError, load_run, train
 
 BASE = {
-  "model": {"preset": "tiny", "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64},
+  "model": {
+    "preset": "tiny",
+    "d_model": 32,
+    "n_layers": 1,
+    "n_heads": 2,
+    "n_kv_heads": 1,
+    "d_ff": 64,
+  },
   "data": {"source": "stdlib", "max_documents": 30, "seq_len": 32, "batch_size": 4},
   "mesh": {"data": 1},
   "train": {
@@ -109,10 +116,14 @@ def test_cli_resume_30_then_60(tmp_path):
   run = tmp_path / "cli"
   cmd = [sys.executable, "-m", "pipelines.cli", "train", "configs/transformer_tiny.yaml"]
   common = [f"run_dir={run}", "train.progress=false", "data.max_documents=30", "data.seq_len=32"]
-  p1 = subprocess.run(cmd + ["train.steps=30", *common], capture_output=True, text=True, timeout=600)
+  p1 = subprocess.run(
+    cmd + ["train.steps=30", *common], capture_output=True, text=True, timeout=600
+  )
   assert p1.returncode == 0, p1.stderr
   assert Checkpointer(run).latest_step() == 30
-  p2 = subprocess.run(cmd + ["train.steps=60", *common], capture_output=True, text=True, timeout=600)
+  p2 = subprocess.run(
+    cmd + ["train.steps=60", *common], capture_output=True, text=True, timeout=600
+  )
   assert p2.returncode == 0, p2.stderr
   assert "finished step 60" in p2.stdout
   steps = [r["step"] for r in read(run / "metrics.jsonl")]

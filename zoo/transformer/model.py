@@ -75,7 +75,10 @@ class Transformer(nnx.Module):
     return jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
   def __call__(
-    self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
+    self,
+    tokens: jax.Array,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, Any]]:
     """Args: ``tokens [B,T]`` int32; ``segment_ids [B,T]`` for packed documents (positions then
     restart at each document unless given). Returns ``(logits [B,T,vocab] f32, aux)``."""
