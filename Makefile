@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: install demo test test-fast lint format clean
+.PHONY: install demo test test-fast test-all lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,17 @@ demo: $(STAMP)
 	$(VENV)/bin/memzoo demo configs/demo.yaml
 	@echo "report: runs/demo/report.md"
 
+# The suite CI runs: everything but the tests marked `slow` (long training runs, exhaustive
+# grids), plus the notebooks. ~10-15 minutes on 2 cores.
 test: $(STAMP)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q -m "not slow or notebook" tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q -m "not slow" tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q -m "not slow and not notebook" tests
+
+# Everything, including the slow set (~25 more minutes on 2 cores).
+test-all: $(STAMP)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ops zoo pipelines tests

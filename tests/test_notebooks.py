@@ -20,6 +20,7 @@ def test_notebooks_exist_and_are_committed_without_outputs():
 
 
 @pytest.mark.slow
+@pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, monkeypatch):
   from nbclient import NotebookClient
