@@ -200,21 +200,21 @@ def train(
     disable=not cfg.progress,
     dynamic_ncols=True,
   )
-  last_time, last_tokens, skipped = time.perf_counter(), 0.0, 0
+  # Token and skip counts stay on device between log steps: no host sync per step. Only
+  # on_nonfinite=stop reads the finite flag every step, to stop at the step that failed.
+  last_time, last_tokens, skipped = time.perf_counter(), jnp.zeros(()), jnp.zeros((), jnp.int32)
   try:
     for step in range(start + 1, cfg.steps + 1):
       batch = next(it)
       params, opt_state, m = train_step(params, opt_state, put(batch))
-      finite = bool(m["finite"])
-      if not finite:
-        if cfg.on_nonfinite == "stop":
-          raise NonFiniteLossError(
-            f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
-            f"grad_norm={float(m['grad_norm'])}); stopping without a checkpoint. Lower train.lr, "
-            "or set train.on_nonfinite=skip to drop such steps."
-          )
-        skipped += 1
-      last_tokens += float(m["tokens"])
+      if cfg.on_nonfinite == "stop" and not bool(m["finite"]):
+        raise NonFiniteLossError(
+          f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
+          f"grad_norm={float(m['grad_norm'])}); stopping without a checkpoint. Lower train.lr, "
+          "or set train.on_nonfinite=skip to drop such steps."
+        )
+      skipped = skipped + (~m["finite"]).astype(jnp.int32)
+      last_tokens = last_tokens + m["tokens"]
       record = None
       if step % cfg.log_every == 0 or step == cfg.steps:
         now = time.perf_counter()
@@ -222,10 +222,10 @@ def train(
           "loss": float(m["loss"]),
           "grad_norm": float(m["grad_norm"]),
           "lr": float(lr_at(step - 1)),
-          "tokens_per_s": last_tokens / max(now - last_time, 1e-9),
-          "skipped_steps": skipped,
+          "tokens_per_s": float(last_tokens) / max(now - last_time, 1e-9),
+          "skipped_steps": int(skipped),
         }
-        last_time, last_tokens = now, 0.0
+        last_time, last_tokens = now, jnp.zeros(())
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
       if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
         ev = evaluate_loss(eval_step, params, heldout[: cfg.eval_batches or 1], put)
