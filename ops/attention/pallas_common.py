@@ -1,4 +1,5 @@
-"""Host-side planning shared by the Pallas attention kernels (TPU and GPU).
+"""Host side shared by the Pallas attention kernels (TPU and GPU): input checks, block planning
+and the ``custom_vjp`` that ties each platform's three kernels together.
 
 The kernels never look at a key block that cannot hold a visible key. Before a kernel runs we
 build, per query block, the list of key blocks that may be visible ("kv lists", used by the
@@ -16,7 +17,8 @@ is the number of distinct lists over heads and ``head_map[h]`` picks the list of
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -258,7 +260,7 @@ def round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def check_inputs(q, k, v, masks, segment_ids, block_indices) -> None:
+def check_inputs(q, k, v, masks, segment_ids, block_indices, q_offset) -> None:
   """Shape/dtype checks every kernel needs; raises NotSupportedError/ValueError."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be [B, T|S, H|K, D]; got {q.shape}, {k.shape}, {v.shape}")
@@ -280,3 +282,106 @@ def check_inputs(q, k, v, masks, segment_ids, block_indices) -> None:
     raise ValueError("segment_ids must be ([B, T], [B, S])")
   if block_indices is not None and block_indices.ndim != 4:
     raise ValueError(f"block_indices must be [B, K, nq, n], got {block_indices.shape}")
+  if not isinstance(q_offset, (int, np.integer)):
+    raise NotSupportedError("q_offset must be a static int for the Pallas kernels")
+
+
+@dataclasses.dataclass(frozen=True)
+class CallPlan:
+  """What both platforms derive from one call before building their kernels' operands.
+
+  Attributes:
+    kv_lists: per query block, the key blocks to visit (``plan_block_lists``).
+    q_lists: per key block, the query blocks to visit.
+    mask: ``mask_params`` of the Mask every head shares, or None (kernels read ``mask_table``).
+    mask_table: int32 numpy ``[H, 4]``.
+    q_segments: None or int32 ``[B, Tp]`` segment ids, zero-padded (padded rows are dropped).
+    kv_segments: None or int32 ``[B, Sp]`` (padded keys are hidden by ``visible``).
+    tp: T padded to a multiple of ``bq``.
+    sp: S padded to a multiple of ``bk``.
+  """
+
+  kv_lists: BlockLists
+  q_lists: BlockLists
+  mask: tuple | None
+  mask_table: np.ndarray
+  q_segments: jax.Array | None
+  kv_segments: jax.Array | None
+  tp: int
+  sp: int
+
+
+def plan_call(q, k, masks, segment_ids, q_offset, block_indices, block_size, bq, bk) -> CallPlan:
+  """Block lists, static mask and padded segment ids for a checked call (``check_inputs``).
+
+  Args:
+    q: ``[B, T, H, D]``.
+    k: ``[B, S, K, D]``.
+    masks: one Mask per query head.
+    segment_ids: None or ``([B, T], [B, S])`` int.
+    q_offset: static key position of query row 0.
+    block_indices: None or int32 ``[B, K, ceil(T / block_size[0]), n]``.
+    block_size: the blocks ``block_indices`` refers to.
+    bq: kernel query block.
+    bk: kernel key block.
+  """
+  t, s, kh = q.shape[1], k.shape[1], k.shape[2]
+  tp, sp = round_up(t, bq), round_up(s, bk)
+  kv_lists, q_lists = plan_block_lists(
+    masks,
+    t=t,
+    s=s,
+    q_offset=int(q_offset),
+    bq=bq,
+    bk=bk,
+    num_kv_heads=kh,
+    block_indices=block_indices,
+    block_size=tuple(block_size),
+    segment_ids=segment_ids,
+  )
+  q_seg = kv_seg = None
+  if segment_ids is not None:
+    q_seg = jnp.pad(segment_ids[0].astype(jnp.int32), ((0, 0), (0, tp - t)))
+    kv_seg = jnp.pad(segment_ids[1].astype(jnp.int32), ((0, 0), (0, sp - s)))
+  same = all(m == masks[0] for m in masks)
+  mask = mask_params(masks[0]) if same else None
+  return CallPlan(kv_lists, q_lists, mask, mask_table(masks), q_seg, kv_seg, tp, sp)
+
+
+def flash_vjp(fwd_call: Callable, dq_call: Callable, dkv_call: Callable, delta: Callable):
+  """The ``custom_vjp`` around a platform's forward, dq and dk/dv kernels.
+
+  The residuals are the inputs, ``o`` and ``lse``; the backward folds the ``lse`` cotangent into
+  the softmax's row term (``d lse / d s = p``, so ``ds = p * (dp - (delta - dlse))``).
+
+  Args:
+    fwd_call: ``(st, q, k, v, qseg, kseg, kv_plan) -> (o, lse)``.
+    dq_call: ``(st, q, k, v, do, lse, dl, qseg, kseg, kv_plan) -> dq``.
+    dkv_call: ``(st, q, k, v, do, lse, dl, qseg, kseg, q_plan) -> (dk, dv)``.
+    delta: ``(o, do)`` float32 -> the row sums of ``o * do`` in the layout of ``lse``.
+
+  Returns:
+    ``flash(st, q, k, v, qseg, kseg, kv_plan, q_plan) -> (o, lse)``, differentiable in
+    ``q, k, v``; ``st`` is static (hashable), the rest are arrays or tuples of int arrays.
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def flash(st, q, k, v, qseg, kseg, kv_plan, q_plan):
+    return fwd_call(st, q, k, v, qseg, kseg, kv_plan)
+
+  def flash_fwd(st, q, k, v, qseg, kseg, kv_plan, q_plan):
+    o, lse = fwd_call(st, q, k, v, qseg, kseg, kv_plan)
+    return (o, lse), (q, k, v, qseg, kseg, kv_plan, q_plan, o, lse)
+
+  def flash_bwd(st, res, cts):
+    q, k, v, qseg, kseg, kv_plan, q_plan, o, lse = res
+    do, dlse = cts
+    dl = delta(o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
+    do = do.astype(q.dtype)
+    dq = dq_call(st, q, k, v, do, lse, dl, qseg, kseg, kv_plan)
+    dk, dv = dkv_call(st, q, k, v, do, lse, dl, qseg, kseg, q_plan)
+    nones = lambda xs: tuple(None for _ in xs)
+    return dq, dk, dv, None, None, nones(kv_plan), nones(q_plan)
+
+  flash.defvjp(flash_fwd, flash_bwd)
+  return flash

@@ -196,35 +196,56 @@ def _compiler_params(st: _Static):
   return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
 
 
-def _fwd_call(st: _Static, q, k, v, qseg, kseg, kv_lists):
-  """q ``[B, Tp, H, Dp]``, k/v ``[B, Sp, K, Dp]`` -> o like q, lse ``[B, H, Tp]`` float32."""
-  b, tp, h, dp = q.shape
-  sp = k.shape[1]
-  ids, cnt, mtbl = kv_lists
-  n2 = ids.shape[-1]
+def _q_rows(i, b_, h_):  # the [bq, Dp] tile of query block i, head h_
+  return b_, i, h_, 0
+
+
+def _q_stats(i, b_, h_):  # the [bq] softmax statistics of query block i, head h_
+  return b_, h_, i
+
+
+def _q_block_specs(st: _Static, sp: int, dp: int, n2: int, *, backward: bool):
+  """Input specs of the (nq, B, H) programs: lists, mask table, q, k, v, then (backward) do,
+  lse, delta, then the segment ids if any."""
   g, lb = st.groups, st.kv_per_batch
-  in_specs = [
+  kv_map = lambda i, b_, h_: (b_, 0, lax.div(h_, g), 0)
+  specs = [
     pl.BlockSpec((None, None, None, n2), lambda i, b_, h_: (b_ if lb else 0, h_, i, 0)),
     pl.BlockSpec((None, None, 1), lambda i, b_, h_: (b_ if lb else 0, h_, i)),
     pl.BlockSpec((None, 4), lambda i, b_, h_: (h_, 0)),
-    pl.BlockSpec((None, st.bq, None, dp), lambda i, b_, h_: (b_, i, h_, 0)),
-    pl.BlockSpec((None, sp, None, dp), lambda i, b_, h_: (b_, 0, lax.div(h_, g), 0)),
-    pl.BlockSpec((None, sp, None, dp), lambda i, b_, h_: (b_, 0, lax.div(h_, g), 0)),
+    pl.BlockSpec((None, st.bq, None, dp), _q_rows),
+    pl.BlockSpec((None, sp, None, dp), kv_map),
+    pl.BlockSpec((None, sp, None, dp), kv_map),
   ]
-  args = [ids, cnt, mtbl, q, k, v]
+  if backward:
+    specs += [
+      pl.BlockSpec((None, st.bq, None, dp), _q_rows),
+      pl.BlockSpec((None, None, st.bq), _q_stats),
+      pl.BlockSpec((None, None, st.bq), _q_stats),
+    ]
   if st.has_segments:
-    in_specs += [
+    specs += [
       pl.BlockSpec((None, st.bq), lambda i, b_, h_: (b_, i)),
       pl.BlockSpec((None, sp), lambda i, b_, h_: (b_, 0)),
     ]
-    args += [qseg, kseg]
+  return specs
+
+
+def _operands(st: _Static, qseg, kseg, *xs):
+  return [*xs, qseg, kseg] if st.has_segments else list(xs)
+
+
+def _fwd_call(st: _Static, q, k, v, qseg, kseg, kv_lists):
+  """q ``[B, Tp, H, Dp]``, k/v ``[B, Sp, K, Dp]`` -> o like q, lse ``[B, H, Tp]`` float32."""
+  b, tp, h, dp = q.shape
+  ids, cnt, mtbl = kv_lists
   return pl.pallas_call(
     functools.partial(_fwd_kernel, st=st),
     grid=(tp // st.bq, b, h),
-    in_specs=in_specs,
+    in_specs=_q_block_specs(st, k.shape[1], dp, ids.shape[-1], backward=False),
     out_specs=[
-      pl.BlockSpec((None, st.bq, None, dp), lambda i, b_, h_: (b_, i, h_, 0)),
-      pl.BlockSpec((None, None, st.bq), lambda i, b_, h_: (b_, h_, i)),
+      pl.BlockSpec((None, st.bq, None, dp), _q_rows),
+      pl.BlockSpec((None, None, st.bq), _q_stats),
     ],
     out_shape=[
       jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -233,46 +254,22 @@ def _fwd_call(st: _Static, q, k, v, qseg, kseg, kv_lists):
     compiler_params=_compiler_params(st),
     interpret=st.interpret,
     name="flash_attention_fwd",
-  )(*args)
+  )(*_operands(st, qseg, kseg, ids, cnt, mtbl, q, k, v))
 
 
 def _dq_call(st: _Static, q, k, v, do, lse, dl, qseg, kseg, kv_lists):
   b, tp, h, dp = q.shape
-  sp = k.shape[1]
   ids, cnt, mtbl = kv_lists
-  n2 = ids.shape[-1]
-  g, lb = st.groups, st.kv_per_batch
-  q_map = lambda i, b_, h_: (b_, i, h_, 0)
-  kv_map = lambda i, b_, h_: (b_, 0, lax.div(h_, g), 0)
-  row_map = lambda i, b_, h_: (b_, h_, i)
-  in_specs = [
-    pl.BlockSpec((None, None, None, n2), lambda i, b_, h_: (b_ if lb else 0, h_, i, 0)),
-    pl.BlockSpec((None, None, 1), lambda i, b_, h_: (b_ if lb else 0, h_, i)),
-    pl.BlockSpec((None, 4), lambda i, b_, h_: (h_, 0)),
-    pl.BlockSpec((None, st.bq, None, dp), q_map),
-    pl.BlockSpec((None, sp, None, dp), kv_map),
-    pl.BlockSpec((None, sp, None, dp), kv_map),
-    pl.BlockSpec((None, st.bq, None, dp), q_map),
-    pl.BlockSpec((None, None, st.bq), row_map),
-    pl.BlockSpec((None, None, st.bq), row_map),
-  ]
-  args = [ids, cnt, mtbl, q, k, v, do, lse, dl]
-  if st.has_segments:
-    in_specs += [
-      pl.BlockSpec((None, st.bq), lambda i, b_, h_: (b_, i)),
-      pl.BlockSpec((None, sp), lambda i, b_, h_: (b_, 0)),
-    ]
-    args += [qseg, kseg]
   return pl.pallas_call(
     functools.partial(_dq_kernel, st=st),
     grid=(tp // st.bq, b, h),
-    in_specs=in_specs,
-    out_specs=pl.BlockSpec((None, st.bq, None, dp), q_map),
+    in_specs=_q_block_specs(st, k.shape[1], dp, ids.shape[-1], backward=True),
+    out_specs=pl.BlockSpec((None, st.bq, None, dp), _q_rows),
     out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
     compiler_params=_compiler_params(st),
     interpret=st.interpret,
     name="flash_attention_dq",
-  )(*args)
+  )(*_operands(st, qseg, kseg, ids, cnt, mtbl, q, k, v, do, lse, dl))
 
 
 def _dkv_call(st: _Static, q, k, v, do, lse, dl, qseg, kseg, q_lists):
@@ -295,13 +292,11 @@ def _dkv_call(st: _Static, q, k, v, do, lse, dl, qseg, kseg, q_lists):
     pl.BlockSpec((None, g, tp), row_map),
     pl.BlockSpec((None, g, tp), row_map),
   ]
-  args = [ids, cnt, mtbl, q, k, v, do, lse, dl]
   if st.has_segments:
     in_specs += [
       pl.BlockSpec((None, tp), lambda i, b_, kh_: (b_, 0)),
       pl.BlockSpec((None, st.bk), lambda i, b_, kh_: (b_, i)),
     ]
-    args += [qseg, kseg]
   return pl.pallas_call(
     functools.partial(_dkv_kernel, st=st),
     grid=(sp // st.bk, b, kh),
@@ -311,33 +306,13 @@ def _dkv_call(st: _Static, q, k, v, do, lse, dl, qseg, kseg, q_lists):
     compiler_params=_compiler_params(st),
     interpret=st.interpret,
     name="flash_attention_dkv",
-  )(*args)
+  )(*_operands(st, qseg, kseg, ids, cnt, mtbl, q, k, v, do, lse, dl))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, qseg, kseg, kv_lists, q_lists):
-  return _fwd_call(st, q, k, v, qseg, kseg, kv_lists)
-
-
-def _flash_fwd(st, q, k, v, qseg, kseg, kv_lists, q_lists):
-  o, lse = _fwd_call(st, q, k, v, qseg, kseg, kv_lists)
-  return (o, lse), (q, k, v, qseg, kseg, kv_lists, q_lists, o, lse)
-
-
-def _flash_bwd(st, res, cts):
-  q, k, v, qseg, kseg, kv_lists, q_lists, o, lse = res
-  do, dlse = cts
-  # d lse / d s = p, so an lse cotangent folds into delta: ds = p * (dp - (delta - dlse)).
-  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-  dl = delta - dlse
-  do = do.astype(q.dtype)
-  dq = _dq_call(st, q, k, v, do, lse, dl, qseg, kseg, kv_lists)
-  dk, dv = _dkv_call(st, q, k, v, do, lse, dl, qseg, kseg, q_lists)
-  nones = lambda xs: tuple(None for _ in xs)
-  return dq, dk, dv, None, None, nones(kv_lists), nones(q_lists)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+# o, do are [B, Tp, H, Dp]; lse rows are [B, H, Tp].
+_flash = pc.flash_vjp(
+  _fwd_call, _dq_call, _dkv_call, lambda o, do: jnp.einsum("bthd,bthd->bht", o, do)
+)
 
 
 def _gpu_lists(lists: pc.BlockLists, mtbl: np.ndarray):
@@ -399,30 +374,15 @@ def attention(
     ``(o [B, T, H, V], lse [B, T, H] float32)``; a query with no visible key gets 0 and -inf.
   """
   masks = tuple(masks)
-  pc.check_inputs(q, k, v, masks, segment_ids, block_indices)
-  if not isinstance(q_offset, (int, np.integer)):
-    raise NotSupportedError("q_offset must be a static int for the Pallas kernels")
+  pc.check_inputs(q, k, v, masks, segment_ids, block_indices, q_offset)
   b, t, h, d = q.shape
   s, kh, dv = k.shape[1], k.shape[2], v.shape[-1]
   bs = block_sizes or BlockSizes()
   bq, bk = _choose_blocks(bs, t, s, block_indices, tuple(block_size))
-  tp, sp = pc.round_up(t, bq), pc.round_up(s, bk)
+  plan = pc.plan_call(q, k, masks, segment_ids, q_offset, block_indices, block_size, bq, bk)
   dp = max(16, pl.next_power_of_2(max(d, dv)))
-  kv_lists, q_lists = pc.plan_block_lists(
-    masks,
-    t=t,
-    s=s,
-    q_offset=int(q_offset),
-    bq=bq,
-    bk=bk,
-    num_kv_heads=kh,
-    block_indices=block_indices,
-    block_size=tuple(block_size),
-    segment_ids=segment_ids,
-  )
-  same = all(m == masks[0] for m in masks)
   st = _Static(
-    mask=pc.mask_params(masks[0]) if same else None,
+    mask=plan.mask,
     q_offset=int(q_offset),
     num_keys=s,
     bq=bq,
@@ -430,29 +390,24 @@ def attention(
     groups=h // kh,
     scale=float(scale),
     has_segments=segment_ids is not None,
-    kv_per_batch=kv_lists.per_batch,
-    q_per_batch=q_lists.per_batch,
+    kv_per_batch=plan.kv_lists.per_batch,
+    q_per_batch=plan.q_lists.per_batch,
     num_warps=bs.num_warps,
     num_stages=bs.num_stages,
     interpret=bool(interpret),
   )
-  mtbl = pc.mask_table(masks)
 
   def pad(x, n):  # [B, L, heads, D] -> [B, n, heads, Dp]
     return jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, dp - x.shape[-1])))
 
-  qseg = kseg = None
-  if segment_ids is not None:
-    qseg = jnp.pad(segment_ids[0].astype(jnp.int32), ((0, 0), (0, tp - t)))
-    kseg = jnp.pad(segment_ids[1].astype(jnp.int32), ((0, 0), (0, sp - s)))
   o, lse = _flash(
     st,
-    pad(q, tp),
-    pad(k, sp),
-    pad(v, sp),
-    qseg,
-    kseg,
-    _gpu_lists(kv_lists, mtbl),
-    _gpu_lists(q_lists, mtbl),
+    pad(q, plan.tp),
+    pad(k, plan.sp),
+    pad(v, plan.sp),
+    plan.q_segments,
+    plan.kv_segments,
+    _gpu_lists(plan.kv_lists, plan.mask_table),
+    _gpu_lists(plan.q_lists, plan.mask_table),
   )
   return o[:, :t, :, :dv], lse[:, :, :t].transpose(0, 2, 1)

@@ -235,6 +235,18 @@ def _seg_scratch(st: _Static, rows: int):
   return [pltpu.VMEM((rows, LANES), jnp.int32)] if st.has_segments else []
 
 
+def _query_scratch(st: _Static, width: int):
+  """Forward/dq scratch: two f32 ``[bq, LANES]`` row statistics (lane-replicated), the f32
+  ``[bq, width]`` accumulator, and the query segment ids if any."""
+  f32 = jnp.float32
+  stats = [pltpu.VMEM((st.bq, LANES), f32), pltpu.VMEM((st.bq, LANES), f32)]
+  return [*stats, pltpu.VMEM((st.bq, width), f32), *_seg_scratch(st, st.bq)]
+
+
+# Forward and dq grids (B, H, P): a query head's steps run in order (they share accumulators).
+_QUERY_GRID = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
 def _fwd_maps(st: _Static):
   """Index maps of the (B, H, P) grids (forward, dq); scalar prefetch refs come last."""
 
@@ -251,39 +263,44 @@ def _fwd_maps(st: _Static):
   )
 
 
+def _in_specs(st: _Static, d: int, dv: int, maps, *, backward: bool):
+  """Input specs: q, k, v, then (backward) do, lse, delta, then the segment ids if any."""
+  bq, bk = st.bq, st.bk
+  specs = [
+    pl.BlockSpec((None, None, bq, d), maps["q"]),
+    pl.BlockSpec((None, None, bk, d), maps["kv"]),
+    pl.BlockSpec((None, None, bk, dv), maps["kv"]),
+  ]
+  if backward:
+    specs += [
+      pl.BlockSpec((None, None, bq, dv), maps["q"]),
+      pl.BlockSpec((None, None, 1, bq), maps["row"]),
+      pl.BlockSpec((None, None, 1, bq), maps["row"]),
+    ]
+  if st.has_segments:
+    specs += [pl.BlockSpec((None, 1, bq), maps["qseg"]), pl.BlockSpec((None, 1, bk), maps["kseg"])]
+  return specs
+
+
+def _operands(st: _Static, qseg, kseg, *xs):
+  return [*xs, qseg, kseg] if st.has_segments else list(xs)
+
+
 def _fwd_call(st: _Static, q, k, v, qseg, kseg, kv_pf):
   """q ``[B, H, Tp, D]``, k/v ``[B, K, Sp, D]`` -> o ``[B, H, Tp, D]``, lse ``[B, H, 1, Tp]``."""
   b, h, tp, d = q.shape
   dv = v.shape[-1]
-  bq, bk = st.bq, st.bk
+  bq = st.bq
   maps = _fwd_maps(st)
-  q_map = maps["q"]
-  in_specs = [
-    pl.BlockSpec((None, None, bq, d), q_map),
-    pl.BlockSpec((None, None, bk, d), maps["kv"]),
-    pl.BlockSpec((None, None, bk, dv), maps["kv"]),
-  ]
-  args = [q, k, v]
-  if st.has_segments:
-    in_specs += [
-      pl.BlockSpec((None, 1, bq), maps["qseg"]),
-      pl.BlockSpec((None, 1, bk), maps["kseg"]),
-    ]
-    args += [qseg, kseg]
   grid_spec = pltpu.PrefetchScalarGridSpec(
     num_scalar_prefetch=3,
     grid=(b, h, st.kv_steps),
-    in_specs=in_specs,
+    in_specs=_in_specs(st, d, dv, maps, backward=False),
     out_specs=[
-      pl.BlockSpec((None, None, bq, dv), q_map),
+      pl.BlockSpec((None, None, bq, dv), maps["q"]),
       pl.BlockSpec((None, None, 1, bq), maps["row"]),
     ],
-    scratch_shapes=[
-      pltpu.VMEM((bq, LANES), jnp.float32),
-      pltpu.VMEM((bq, LANES), jnp.float32),
-      pltpu.VMEM((bq, dv), jnp.float32),
-      *_seg_scratch(st, bq),
-    ],
+    scratch_shapes=_query_scratch(st, dv),
   )
   return pl.pallas_call(
     functools.partial(_fwd_kernel, st=st),
@@ -292,101 +309,63 @@ def _fwd_call(st: _Static, q, k, v, qseg, kseg, kv_pf):
       jax.ShapeDtypeStruct((b, h, tp, dv), q.dtype),
       jax.ShapeDtypeStruct((b, h, 1, tp), jnp.float32),
     ],
-    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+    compiler_params=_QUERY_GRID,
     interpret=st.interpret,
     name="flash_attention_fwd",
-  )(*kv_pf, *args)
+  )(*kv_pf, *_operands(st, qseg, kseg, q, k, v))
 
 
 def _dq_call(st: _Static, q, k, v, do, lse, dl, qseg, kseg, kv_pf):
   b, h, tp, d = q.shape
   dv = v.shape[-1]
-  bq, bk = st.bq, st.bk
+  bq = st.bq
   maps = _fwd_maps(st)
-  q_map, kv_map, row_map = maps["q"], maps["kv"], maps["row"]
-  in_specs = [
-    pl.BlockSpec((None, None, bq, d), q_map),
-    pl.BlockSpec((None, None, bk, d), kv_map),
-    pl.BlockSpec((None, None, bk, dv), kv_map),
-    pl.BlockSpec((None, None, bq, dv), q_map),
-    pl.BlockSpec((None, None, 1, bq), row_map),
-    pl.BlockSpec((None, None, 1, bq), row_map),
-  ]
-  args = [q, k, v, do, lse, dl]
-  if st.has_segments:
-    in_specs += [
-      pl.BlockSpec((None, 1, bq), maps["qseg"]),
-      pl.BlockSpec((None, 1, bk), maps["kseg"]),
-    ]
-    args += [qseg, kseg]
   grid_spec = pltpu.PrefetchScalarGridSpec(
     num_scalar_prefetch=3,
     grid=(b, h, st.kv_steps),
-    in_specs=in_specs,
-    out_specs=pl.BlockSpec((None, None, bq, d), q_map),
-    scratch_shapes=[
-      pltpu.VMEM((bq, LANES), jnp.float32),
-      pltpu.VMEM((bq, LANES), jnp.float32),
-      pltpu.VMEM((bq, d), jnp.float32),
-      *_seg_scratch(st, bq),
-    ],
+    in_specs=_in_specs(st, d, dv, maps, backward=True),
+    out_specs=pl.BlockSpec((None, None, bq, d), maps["q"]),
+    scratch_shapes=_query_scratch(st, d),
   )
   return pl.pallas_call(
     functools.partial(_dq_kernel, st=st),
     grid_spec=grid_spec,
     out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+    compiler_params=_QUERY_GRID,
     interpret=st.interpret,
     name="flash_attention_dq",
-  )(*kv_pf, *args)
+  )(*kv_pf, *_operands(st, qseg, kseg, q, k, v, do, lse, dl))
 
 
-def _dkv_call(st: _Static, q, k, v, do, lse, dl, qseg, kseg, q_pf):
-  b, h, tp, d = q.shape
-  _, kh, sp, dv = v.shape
-  bq, bk, g = st.bq, st.bk, st.groups
+def _dkv_maps(st: _Static):
+  """Index maps of the (B, K, P, G) grid (dk/dv), where a step is (key block, query block)."""
+  g = st.groups
 
-  def at(b_, kh_, p, sched, omap, mtbl):  # (key block, query block) of a step
+  def at(b_, kh_, p, sched, omap, mtbl):
     i = _step(st.q_per_batch, st.q_owners, st.q_steps, omap, b_, kh_, p)
     return sched[i], sched[i + 1]
 
-  def q_map(b_, kh_, p, g_, *pf):
-    return b_, kh_ * g + g_, at(b_, kh_, p, *pf)[1], 0
+  return dict(
+    q=lambda b_, kh_, p, g_, *pf: (b_, kh_ * g + g_, at(b_, kh_, p, *pf)[1], 0),
+    kv=lambda b_, kh_, p, g_, *pf: (b_, kh_, at(b_, kh_, p, *pf)[0], 0),
+    row=lambda b_, kh_, p, g_, *pf: (b_, kh_ * g + g_, 0, at(b_, kh_, p, *pf)[1]),
+    qseg=lambda b_, kh_, p, g_, *pf: (b_, 0, at(b_, kh_, p, *pf)[1]),
+    kseg=lambda b_, kh_, p, g_, *pf: (b_, 0, at(b_, kh_, p, *pf)[0]),
+  )
 
-  def row_map(b_, kh_, p, g_, *pf):
-    return b_, kh_ * g + g_, 0, at(b_, kh_, p, *pf)[1]
 
-  def qseg_map(b_, kh_, p, g_, *pf):
-    return b_, 0, at(b_, kh_, p, *pf)[1]
-
-  def kv_map(b_, kh_, p, g_, *pf):
-    return b_, kh_, at(b_, kh_, p, *pf)[0], 0
-
-  def kseg_map(b_, kh_, p, g_, *pf):
-    return b_, 0, at(b_, kh_, p, *pf)[0]
-
-  in_specs = [
-    pl.BlockSpec((None, None, bq, d), q_map),
-    pl.BlockSpec((None, None, bk, d), kv_map),
-    pl.BlockSpec((None, None, bk, dv), kv_map),
-    pl.BlockSpec((None, None, bq, dv), q_map),
-    pl.BlockSpec((None, None, 1, bq), row_map),
-    pl.BlockSpec((None, None, 1, bq), row_map),
-  ]
-  args = [q, k, v, do, lse, dl]
-  if st.has_segments:
-    in_specs += [
-      pl.BlockSpec((None, 1, bq), qseg_map),
-      pl.BlockSpec((None, 1, bk), kseg_map),
-    ]
-    args += [qseg, kseg]
+def _dkv_call(st: _Static, q, k, v, do, lse, dl, qseg, kseg, q_pf):
+  d = q.shape[-1]
+  b, kh, _, dv = v.shape
+  bk, g = st.bk, st.groups
+  maps = _dkv_maps(st)
   grid_spec = pltpu.PrefetchScalarGridSpec(
     num_scalar_prefetch=3,
     grid=(b, kh, st.q_steps, g),
-    in_specs=in_specs,
+    in_specs=_in_specs(st, d, dv, maps, backward=True),
     out_specs=[
-      pl.BlockSpec((None, None, bk, d), kv_map),
-      pl.BlockSpec((None, None, bk, dv), kv_map),
+      pl.BlockSpec((None, None, bk, d), maps["kv"]),
+      pl.BlockSpec((None, None, bk, dv), maps["kv"]),
     ],
     scratch_shapes=[
       pltpu.VMEM((bk, d), jnp.float32),
@@ -403,33 +382,13 @@ def _dkv_call(st: _Static, q, k, v, do, lse, dl, qseg, kseg, q_pf):
     ),
     interpret=st.interpret,
     name="flash_attention_dkv",
-  )(*q_pf, *args)
+  )(*q_pf, *_operands(st, qseg, kseg, q, k, v, do, lse, dl))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, qseg, kseg, kv_pf, q_pf):
-  return _fwd_call(st, q, k, v, qseg, kseg, kv_pf)
-
-
-def _flash_fwd(st, q, k, v, qseg, kseg, kv_pf, q_pf):
-  o, lse = _fwd_call(st, q, k, v, qseg, kseg, kv_pf)
-  return (o, lse), (q, k, v, qseg, kseg, kv_pf, q_pf, o, lse)
-
-
-def _flash_bwd(st, res, cts):
-  q, k, v, qseg, kseg, kv_pf, q_pf, o, lse = res
-  do, dlse = cts
-  # d lse / d s = p, so an lse cotangent folds into delta: ds = p * (dp - (delta - dlse)).
-  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None, :]
-  dl = delta - dlse
-  do = do.astype(q.dtype)
-  dq = _dq_call(st, q, k, v, do, lse, dl, qseg, kseg, kv_pf)
-  dk, dv = _dkv_call(st, q, k, v, do, lse, dl, qseg, kseg, q_pf)
-  none_pf = lambda pf: tuple(None for _ in pf)
-  return dq, dk, dv, None, None, none_pf(kv_pf), none_pf(q_pf)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+# o, do are [B, H, Tp, D]; lse rows are [B, H, 1, Tp].
+_flash = pc.flash_vjp(
+  _fwd_call, _dq_call, _dkv_call, lambda o, do: jnp.sum(o * do, axis=-1)[:, :, None, :]
+)
 
 
 def _choose_blocks(bs: BlockSizes, t, s, block_indices, block_size, interpret):
@@ -484,32 +443,17 @@ def attention(
     ``(o [B, T, H, V], lse [B, T, H] float32)``; a query with no visible key gets 0 and -inf.
   """
   masks = tuple(masks)
-  pc.check_inputs(q, k, v, masks, segment_ids, block_indices)
-  if not isinstance(q_offset, (int, np.integer)):
-    raise NotSupportedError("q_offset must be a static int for the Pallas kernels")
+  pc.check_inputs(q, k, v, masks, segment_ids, block_indices, q_offset)
   b, t, h, _ = q.shape
   s, kh = k.shape[1], k.shape[2]
   bq, bk = _choose_blocks(
     block_sizes or BlockSizes(), t, s, block_indices, block_size, bool(interpret)
   )
-  tp, sp = pc.round_up(t, bq), pc.round_up(s, bk)
-  kv_lists, q_lists = pc.plan_block_lists(
-    masks,
-    t=t,
-    s=s,
-    q_offset=int(q_offset),
-    bq=bq,
-    bk=bk,
-    num_kv_heads=kh,
-    block_indices=block_indices,
-    block_size=tuple(block_size),
-    segment_ids=segment_ids,
-  )
-  kv_sched = ps.flat_schedule(kv_lists, 1, sp // bk)
-  q_sched = ps.flat_schedule(q_lists, h // kh, tp // bq)
-  same = all(m == masks[0] for m in masks)
+  plan = pc.plan_call(q, k, masks, segment_ids, q_offset, block_indices, block_size, bq, bk)
+  kv_sched = ps.flat_schedule(plan.kv_lists, 1, plan.sp // bk)
+  q_sched = ps.flat_schedule(plan.q_lists, h // kh, plan.tp // bq)
   st = _Static(
-    mask=pc.mask_params(masks[0]) if same else None,
+    mask=plan.mask,
     q_offset=int(q_offset),
     num_keys=s,
     bq=bq,
@@ -525,22 +469,20 @@ def attention(
     has_segments=segment_ids is not None,
     interpret=interpret,
   )
-  mtbl = jnp.asarray(pc.mask_table(masks).reshape(-1))
+  mtbl = jnp.asarray(plan.mask_table.reshape(-1))
 
   def to_kernel(x, n):  # [B, T, H, D] -> [B, H, Tp, D]
     return jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
-  qseg = kseg = None
-  if segment_ids is not None:
-    qseg = jnp.pad(segment_ids[0].astype(jnp.int32), ((0, 0), (0, tp - t)))[:, None]
-    kseg = jnp.pad(segment_ids[1].astype(jnp.int32), ((0, 0), (0, sp - s)))[:, None]
+  # Segment ids as [B, 1, L] rows: a block's last two dims are then (1, rows).
+  row = lambda x: None if x is None else x[:, None]
   o, lse = _flash(
     st,
-    to_kernel(q, tp),
-    to_kernel(k, sp),
-    to_kernel(v, sp),
-    qseg,
-    kseg,
+    to_kernel(q, plan.tp),
+    to_kernel(k, plan.sp),
+    to_kernel(v, plan.sp),
+    row(plan.q_segments),
+    row(plan.kv_segments),
     _prefetch(kv_sched, mtbl),
     _prefetch(q_sched, mtbl),
   )

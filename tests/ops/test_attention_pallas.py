@@ -68,6 +68,8 @@ CASES = {
   "block_indices": Case(t=64, s=64, h=2, kv=1, block_indices=True, blocks=(16, 32)),
   # One decoding query against a cache.
   "decode_t1": Case(t=1, s=40, h=2, kv=1, masks=(Mask(window=16, sinks=2),)),
+  # A head dim that is no tile: GPU zero-pads it to 16, TPU takes it as the whole lane dim.
+  "odd_head_dim": Case(t=16, s=16, h=2, kv=1, d=12),
 }
 SLOW_CASES = {
   "full_f32": Case(masks=(Mask(causal=False),), t=24, s=56),
@@ -422,3 +424,19 @@ def test_lowers(platform, name):
     text = jax.jit(fn).trace(q, k, k, seg, seg, bi).lower(lowering_platforms=(platform,))
     text = text.as_text()
     assert text.count(marker) >= kernels, fn.__name__
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_lowers_odd_head_dim(platform):
+  # D = 65 (e.g. a head dim plus one normaliser column): GPU pads it to 128, TPU takes the whole
+  # dim as the block's lane dim.
+  mod = pallas_tpu if platform == "tpu" else pallas_gpu
+  q = jax.ShapeDtypeStruct((1, 512, 2, 65), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 512, 1, 65), jnp.bfloat16)
+  kw = dict(masks=(Mask(),) * 2, segment_ids=None, q_offset=0, block_indices=None, scale=0.125)
+  fwd = lambda q, k, v: mod.attention(q, k, v, block_size=(128, 128), interpret=False, **kw)
+  loss = lambda q, k, v: _loss(fwd)(q, k, v)[0]
+  marker = "tpu_custom_call" if platform == "tpu" else "triton"
+  for fn, kernels in ((fwd, 1), (jax.grad(loss, argnums=(0, 1, 2)), 3)):
+    text = jax.jit(fn).trace(q, k, k).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count(marker) >= kernels

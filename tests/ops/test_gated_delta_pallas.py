@@ -24,6 +24,7 @@ from ops.common.dispatch import NotSupportedError
 from ops.memory.gated_delta import (
   gated_delta_rule,
   pallas_calls,
+  pallas_common,
   pallas_gpu,
   pallas_tpu,
   reference,
@@ -141,6 +142,34 @@ def test_delta_rule_bf16_single_token_no_decay(platform):
 def test_delta_rule_per_channel_decay(platform):
   # Gated DeltaNet with GLA-style decay: P and the WY matrices come from XLA, the rest kernels.
   _check_against_reference(platform, 40, channel=True)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("channel", [False, True], ids=["scalar_decay", "channel_decay"])
+def test_odd_head_widths_are_padded(platform, channel):
+  # K = 12, V = 17 fit no tile: the wrapper zero-pads them to 16 and 32 (q, k, v, per-channel
+  # g and the initial state) and slices o, the final state and every gradient back.
+  _check_against_reference(platform, 20, K=12, V=17, H=1, channel=channel)
+
+
+@pytest.mark.parametrize(
+  "platform, n, want",
+  [
+    ("gpu", 1, 16),
+    ("gpu", 16, 16),
+    ("gpu", 17, 32),
+    ("gpu", 65, 128),
+    ("gpu", 273, 512),
+    ("tpu", 12, 16),
+    ("tpu", 64, 64),
+    ("tpu", 65, 128),
+    ("tpu", 128, 128),
+    ("tpu", 273, 384),
+  ],
+)
+def test_padded_width(platform, n, want):
+  # GPU: powers of two >= 16 (Triton). TPU: the same up to 128 lanes, then multiples of 128.
+  assert pallas_common.padded_width(platform, n) == want
 
 
 @pytest.mark.slow
@@ -287,6 +316,21 @@ def test_lowers_per_channel_decay(lowering_platform, delta):
 def test_lowers_other_head_dims(lowering_platform, K, V):
   # K = V = 64 (a lane-narrow tile on TPU), V = 256 (several value blocks), a ragged T.
   calls = _lowered_kernel_calls(lowering_platform, True, "bwd", T=1000, H=2, K=K, V=V)
+  assert calls == _expected_calls(True, "bwd")
+
+
+@pytest.mark.parametrize("lowering_platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_lowers_based_widths(lowering_platform, direction):
+  # BASED / JRT: Taylor features of 16 dims (K = 1 + 16 + 256 = 273) and a value column of
+  # ones for the normaliser (V = 64 + 1), both padded inside the wrapper.
+  calls = _lowered_kernel_calls(lowering_platform, False, direction, T=512, H=2, K=273, V=65)
+  assert calls == _expected_calls(False, direction)
+
+
+@pytest.mark.parametrize("lowering_platform", ["tpu", "cuda"])
+def test_lowers_delta_rule_odd_value_width(lowering_platform):
+  calls = _lowered_kernel_calls(lowering_platform, True, "bwd", T=512, H=2, K=64, V=65)
   assert calls == _expected_calls(True, "bwd")
 
 

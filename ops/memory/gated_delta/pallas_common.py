@@ -1,8 +1,10 @@
 """Host side of the Pallas gated delta rule, shared by ``pallas_tpu`` and ``pallas_gpu``.
 
-Inputs are moved to head-major ``[B,H,T,*]`` so a chunk is a ``[C,K]`` tile, the within-chunk
-cumulative log decay ``G`` is computed here (its transpose, the reverse cumulative sum, is then
-autodiff's job), and a ``custom_vjp`` ties the kernels (``pallas_calls``) together:
+Inputs are zero-padded to tile-legal head widths (``padded_width``; exact, see
+``chunk_gated_delta_rule``) and moved to head-major ``[B,H,T,*]`` so a chunk is a ``[C,K]``
+tile, the within-chunk cumulative log decay ``G`` is computed here (its transpose, the reverse
+cumulative sum, is then autodiff's job), and a ``custom_vjp`` ties the kernels
+(``pallas_calls``) together:
 
 forward:  wy (parallel) -> state passing (sequential) -> output (parallel)
 backward: recompute W, U and the per-chunk states (one more sequential pass instead of keeping
@@ -183,6 +185,22 @@ def _gated_delta_bwd(cfg, res, cotangents):
 _gated_delta.defvjp(_gated_delta_fwd, _gated_delta_bwd)
 
 
+def padded_width(platform: str, n: int) -> int:
+  """The head width (K or V) the kernels run at for a caller's width ``n``.
+
+  Triton tiles are powers of two and its dots need every dim >= 16, so GPU widths round up to
+  a power of two >= 16. Mosaic tiles take a lane dim that is a multiple of 128 or the whole
+  array; widths up to 128 round up to a power of two >= 16 (a whole number of bf16 sublane
+  tiles, dividing the 128 lanes), wider ones to a multiple of 128. Zero-padding is exact (see
+  ``chunk_gated_delta_rule``), so this only costs the padded work.
+  """
+  if n < 1:
+    raise ValueError(f"head widths must be positive, got {n}")
+  if platform == "tpu" and n > 128:
+    return -(-n // 128) * 128
+  return max(16, 1 << (n - 1).bit_length())
+
+
 def _default_block_v(platform: str, V: int) -> int:
   # TPU tiles need a lane dim that is a multiple of 128 or the whole V; on GPU smaller value
   # blocks give the sequential kernel more programs to run in parallel.
@@ -206,24 +224,31 @@ def chunk_gated_delta_rule(
 ):
   """Chunked gated delta rule with Pallas kernels (see ``pallas_tpu``/``pallas_gpu``).
 
+  Any ``K`` and ``V`` are served: both are zero-padded to :func:`padded_width` and the outputs
+  sliced back. Padded key channels are zero in ``q``, ``k`` and the state (and take ``g = 0``),
+  so ``k k^T``, ``S^T k`` and ``S^T q`` do not see them and their state rows stay zero; padded
+  value columns are zero in ``v`` and the state, and every value column of the state evolves
+  on its own, so they stay zero too.
+
   Args:
     q: ``[B,T,H,K]``.
     k: ``[B,T,H,K]``.
     v: ``[B,T,H,V]``.
     g: ``None``, ``[B,T,H]`` or ``[B,T,H,K]`` (per key channel) float32 log decay (<= 0).
     beta: ``None`` (additive write) or ``[B,T,H]`` float32 (delta rule).
-    scale: output scale.
+    scale: output scale (not derived from ``K``, so padding leaves it as the caller's).
     initial_state: ``None`` or ``[B,H,K,V]`` float32.
     chunk_size: ``C``; T is padded up to a multiple of it (padding leaves the state as is).
     interpret: run in the Pallas interpreter (CPU testing).
     platform: ``"tpu"`` or ``"gpu"``.
-    block_v: value-dim block of the sequential kernels; must divide V.
+    block_v: value-dim block of the sequential kernels; must divide the padded V (default: by
+      platform).
 
   Returns:
     ``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32)``.
 
   Raises:
-    NotSupportedError: a chunk size / head dims the platform cannot tile.
+    NotSupportedError: a chunk size / value block the platform cannot tile.
     ValueError: inconsistent shapes or dtypes.
   """
   if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
@@ -241,19 +266,18 @@ def chunk_gated_delta_rule(
     raise ValueError(f"q, k, v must be floating, got {q.dtype}, {k.dtype}, {v.dtype}")
   if platform not in ("tpu", "gpu"):
     raise ValueError(f"platform must be 'tpu' or 'gpu', got {platform!r}")
-  block_v = _default_block_v(platform, V) if block_v is None else block_v
-  if block_v <= 0 or V % block_v:
-    raise ValueError(f"block_v={block_v} must divide V={V}")
+  Kp, Vp = padded_width(platform, K), padded_width(platform, V)
+  block_v = _default_block_v(platform, Vp) if block_v is None else block_v
+  if block_v <= 0 or Vp % block_v:
+    raise ValueError(f"block_v={block_v} must divide the padded V={Vp} (V={V})")
   # Triton: every tile a power of two, every matmul dim >= 16. Mosaic: chunk rows a multiple
   # of the (bf16) sublane tile, value blocks a multiple of the 128 lanes (or all of V).
   pow2_16 = lambda n: n >= 16 and n & (n - 1) == 0
-  if platform == "gpu" and not all(pow2_16(n) for n in (C, K, V, block_v)):
-    raise NotSupportedError(
-      f"Triton needs powers of two >= 16 for C, K, V, block_v; got {C}, {K}, {V}, {block_v}"
-    )
+  if platform == "gpu" and not (pow2_16(C) and pow2_16(block_v)):
+    raise NotSupportedError(f"Triton needs powers of two >= 16 for C, block_v; got {C}, {block_v}")
   if platform == "tpu" and C % 16:
     raise NotSupportedError(f"TPU chunk size must be a multiple of 16, got {C}")
-  if platform == "tpu" and not interpret and block_v != V and block_v % 128:
+  if platform == "tpu" and not interpret and block_v != Vp and block_v % 128:
     raise NotSupportedError(f"TPU block_v must be V or a multiple of 128, got {block_v}")
 
   cfg = Config(
@@ -267,14 +291,25 @@ def chunk_gated_delta_rule(
   )
   pad = -T % C
   Tp = T + pad
-  # [B,T,H,...] -> [B,H,T,...], padded with zeros: k = v = g = beta = 0 leaves the state as is.
-  head_major = lambda x: jnp.pad(
-    jnp.swapaxes(x, 1, 2), [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3)
-  )
-  q, k, v = head_major(q), head_major(k), head_major(v)
-  g = jnp.zeros((B, H, Tp), f32) if g is None else head_major(g.astype(f32))
+
+  # [B,T,H,...] -> [B,H,Tp,...], zero-padded in time (k = v = g = beta = 0 leave the state as
+  # is) and, for head dims, up to the padded width.
+  def head_major(x, width=None):
+    dims = [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3)
+    if width is not None:
+      dims[-1] = (0, width - x.shape[-1])
+    return jnp.pad(jnp.swapaxes(x, 1, 2), dims)
+
+  q, k, v = head_major(q, Kp), head_major(k, Kp), head_major(v, Vp)
+  if g is None:
+    g = jnp.zeros((B, H, Tp), f32)
+  else:
+    g = head_major(g.astype(f32), Kp if g.ndim == 4 else None)
   beta = jnp.zeros((B, H, Tp), f32) if beta is None else head_major(beta.astype(f32))
   g_cum = jnp.cumsum(g.reshape(B, H, Tp // C, C, -1), axis=3).reshape(g.shape)
-  h0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
+  if initial_state is None:
+    h0 = jnp.zeros((B, H, Kp, Vp), f32)
+  else:
+    h0 = jnp.pad(initial_state.astype(f32), [(0, 0), (0, 0), (0, Kp - K), (0, Vp - V)])
   o, ht = _gated_delta(cfg, q, k, v, g_cum, beta, h0)
-  return jnp.swapaxes(o[:, :, :T], 1, 2), ht
+  return jnp.swapaxes(o[:, :, :T, :V], 1, 2), ht[:, :, :K, :V]
