@@ -218,7 +218,7 @@ def _bad(**changes):
     (dict(optimizer="adam"), "unknown optimizer"),
     (dict(activation="swish"), "unknown activation"),
     (dict(omega_window=0), "omega_window"),
-    (dict(implementation="pallas_tpu"), "unknown implementation"),
+    (dict(implementation="triton"), "unknown implementation"),
   ],
 )
 def test_bad_input_raises_before_tracing(changes, match):

@@ -20,6 +20,7 @@ on ``||M(phi(k)) - v||^2`` with data-dependent lr / momentum / decay; the math i
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import jax
@@ -27,13 +28,37 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ops.common.dispatch import dispatch
+from ops.common.dispatch import NotSupportedError, dispatch, resolve_interpret
 from ops.memory.neural import common, reference, xla
 from ops.memory.neural.common import feature_dim
 
+
+def _no_interpret(fn):
+  def run(*args, interpret, **kwargs):
+    del interpret
+    return fn(*args, **kwargs)
+
+  return run
+
+
+def _lazy_kernel(module: str):
+  """Imports a Pallas kernel file on first use, so a broken one cannot break this import."""
+
+  def run(*args, **kwargs):
+    try:
+      mod = importlib.import_module(f"ops.memory.neural.{module}")
+    except Exception as e:  # noqa: BLE001 - a kernel file that fails to import cannot serve
+      raise NotSupportedError(f"cannot import ops.memory.neural.{module}: {e}") from e
+    return mod.neural_memory_pallas(*args, **kwargs)
+
+  return run
+
+
 _IMPLEMENTATIONS = {
-  "reference": reference.neural_memory_reference,
-  "xla": xla.neural_memory_xla,
+  "reference": _no_interpret(reference.neural_memory_reference),
+  "xla": _no_interpret(xla.neural_memory_xla),
+  "pallas_tpu": _lazy_kernel("pallas_tpu"),
+  "pallas_gpu": _lazy_kernel("pallas_gpu"),
 }
 _DEFAULTS = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
 _STATE_KEYS = (
@@ -255,8 +280,11 @@ def neural_memory(
     ns_steps: Newton-Schulz iterations for "muon".
     activation: the depth-2 memory's nonlinearity ("silu", "gelu", "relu", "tanh").
     residual: read ``x + M(x)`` (needs F == V).
-    implementation: "reference", "xla", a sequence of them, or None (by backend).
-    interpret: unused (no Pallas kernel yet); accepted for the common op signature.
+    implementation: "reference", "xla", "pallas_tpu", "pallas_gpu", a sequence of them
+      (tried in order), or None (by backend). The Pallas kernels cover the Titans
+      configuration (momentum optimiser, omega_window=1, chunk_size >= 8, a static position)
+      and raise ``NotSupportedError`` otherwise.
+    interpret: run Pallas kernels in interpret mode (None: only on CPU).
 
   Returns:
     ``(y [B,T,H,V] in v's dtype, state)``; the state dict continues the sequence when passed
@@ -266,7 +294,6 @@ def neural_memory(
     ValueError: bad shapes, gates outside [0, 1] (when concrete), chunk_size not a power of
       two, an empty sequence, an unknown option.
   """
-  del interpret
   config = dict(
     chunk_size=chunk_size,
     omega_window=omega_window,
@@ -295,6 +322,7 @@ def neural_memory(
     ns_steps=ns_steps,
     activation=activation,
     residual=residual,
+    interpret=resolve_interpret(interpret),
   )
   return y.astype(v.dtype), final
 
