@@ -125,7 +125,11 @@ def _export(args) -> int:
 def _import_hf(args) -> int:
   from pipelines import hf
 
-  run = hf.import_hf(args.dir, args.run)
+  try:
+    run = hf.import_hf(args.dir, args.run)
+  except FileExistsError as e:
+    print(f"memzoo: import-hf: {e}", file=sys.stderr)
+    return 2
   print(f"imported {args.dir} as run {run} (step 0)")
   return 0
 

@@ -258,12 +258,18 @@ def import_hf(directory: str | Path, run_dir: str | Path, **sections: Any) -> Pa
     sections: extra experiment sections (``data``, ``train``, ``mesh``) merged into the config.
   Returns:
     ``run_dir``.
+
+  Raises:
+    FileExistsError: ``run_dir`` already holds a checkpoint (checked before reading weights).
   """
   from pipelines.checkpoint import Checkpointer
   from pipelines.optim import optimizer
   from pipelines.train import build_model
 
   directory, run_dir = Path(directory), Path(run_dir)
+  # Refused before any weight is read: importing would overwrite a trained run's step 0.
+  if _has_checkpoint(run_dir):
+    raise FileExistsError(f"{run_dir} already holds a checkpoint; import into a new run")
   hf_cfg, tensors = read_hf(directory)
   model_section = config_from_hf(hf_cfg, str(directory / "config.json"))
   raw = {"model": model_section, "run_dir": str(run_dir), "mesh": {"data": 1}, **sections}
@@ -290,3 +296,15 @@ def import_hf(directory: str | Path, run_dir: str | Path, **sections: Any) -> Pa
       shutil.copy(directory / name, run_dir / name)
   (run_dir / "hf_config.json").write_text(json.dumps(hf_cfg, indent=2))
   return run_dir
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+  from pipelines.checkpoint import Checkpointer
+
+  if not (run_dir / "checkpoints").is_dir():
+    return False
+  ckpt = Checkpointer(run_dir, async_save=False)
+  try:
+    return ckpt.latest_step() is not None
+  finally:
+    ckpt.close()

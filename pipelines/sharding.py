@@ -1,13 +1,23 @@
-"""Meshes and logical-axis sharding rules.
+"""Meshes, logical-axis sharding rules per layout, and running a step under a mesh.
 
-Parameters carry logical axis names (``zoo.layers.params.LOGICAL_AXES``); a rules table maps each
-to a mesh axis (``data``, ``fsdp``, ``tensor``, ``context``). A dimension whose size the mesh axis
-does not divide stays replicated, so tiny models run on any mesh.
+Parameters carry logical axis names (``zoo.layers.params.LOGICAL_AXES``); the rules table of the
+mesh's layout (``zoo.layers.parallel.LAYOUTS``, chosen from which mesh axes exceed 1) maps each
+to mesh axes (``data``, ``fsdp``, ``tensor``, ``context``). A dimension whose size the mesh axes
+do not divide stays replicated, so tiny models run on any mesh. Steps run under
+``jax.set_mesh(mesh)`` (``in_mesh``), where the layers constrain their activations by the same
+rules and, with ``context > 1``, run ring attention and the sequence-parallel memory.
+
+Many hosts: ``make_mesh`` lays ``jax.devices()`` (every process's) out in the order
+``data, fsdp, tensor, context``, so ``context`` is the innermost axis and a ring whose size
+divides ``jax.local_device_count()`` stays on one host (its ``ppermute`` never crosses the
+network; devices are listed process by process); ``shard_batch`` assembles the global
+batch from each process's own rows, which then hold whole sequences.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -16,22 +26,24 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pipelines.config import MeshConfig
+from zoo.layers import parallel
+from zoo.layers.parallel import LAYOUTS, MESH_AXES, layout_name, rules
 
-MESH_AXES = ("data", "fsdp", "tensor", "context")
-
-# Logical name -> mesh axes. One table serves every layout: axes of size 1 are no-ops.
-RULES: dict[str, tuple[str, ...] | None] = {
-  "batch": ("data", "fsdp"),
-  "seq": ("context",),
-  "embed": ("fsdp",),
-  "mlp": ("tensor",),
-  "heads": ("tensor",),
-  "kv_heads": ("tensor",),
-  "head_dim": None,
-  "vocab": ("tensor",),
-  "state": None,
-  "layers": None,
-}
+__all__ = [
+  "LAYOUTS",
+  "MESH_AXES",
+  "batch_spec",
+  "create_sharded",
+  "in_mesh",
+  "layout_name",
+  "logical_to_spec",
+  "make_mesh",
+  "param_shardings",
+  "place_state",
+  "rules",
+  "shard_batch",
+  "shard_params",
+]
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -58,30 +70,41 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-  """Maps logical names to a PartitionSpec, leaving a dimension replicated when the mesh axes
-  do not divide it or are already used by an earlier dimension."""
-  used: set[str] = set()
-  spec = []
-  for name, size in zip(names, shape):
-    axes = RULES.get(name) if name is not None else None
-    axes = tuple(a for a in (axes or ()) if a not in used and mesh.shape[a] > 1)
-    n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    if not axes or size % n:
-      spec.append(None)
-      continue
-    used.update(axes)
-    spec.append(axes if len(axes) > 1 else axes[0])
-  return PartitionSpec(*spec)
+  """Maps logical names to a PartitionSpec by the rules of ``mesh``'s layout, leaving a
+  dimension replicated when the mesh axes do not divide it or an earlier dimension uses them."""
+  return parallel.logical_to_spec(names, shape, mesh)
 
 
 def param_shardings(params: nnx.State, mesh: Mesh) -> Any:
   """NamedShardings for an ``nnx.Param`` state, from each parameter's logical axis names."""
 
   def one(var):
-    names = var.get_metadata().get("out_sharding") or (None,) * var[...].ndim
-    return NamedSharding(mesh, logical_to_spec(names, var[...].shape, mesh))
+    shape = var.get_value().shape  # an array, or a ShapeDtypeStruct under eval_shape
+    names = var.get_metadata().get("out_sharding") or (None,) * len(shape)
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
 
   return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(build: Callable[[], tuple[Any, nnx.State, Any]], mesh: Mesh):
+  """``build() -> (graphdef, params, rest)`` with every parameter created already sharded.
+
+  The initialisers run inside one ``jax.jit`` whose ``out_shardings`` are the layout's, so each
+  device computes and holds only its own shard: a model larger than one device's memory can be
+  created. ``rest`` (non-parameter state; empty for the zoo's models) comes out replicated.
+
+  Args:
+    build: builds the model and splits it (e.g. ``lambda: train.build_model(exp)``); it is
+      traced, so it must be a pure function of its closure.
+    mesh: the device mesh.
+
+  Returns:
+    ``(graphdef, params on mesh, rest on mesh)``.
+  """
+  graphdef, abstract, _ = jax.eval_shape(build)
+  params = jax.jit(lambda: build()[1], out_shardings=param_shardings(abstract, mesh))()
+  rest = jax.jit(lambda: build()[2], out_shardings=NamedSharding(mesh, PartitionSpec()))()
+  return graphdef, params, rest
 
 
 def shard_params(params: nnx.State, mesh: Mesh) -> nnx.State:
@@ -130,3 +153,25 @@ def place_state(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
 
   return jax.tree.map(one, tree)
+
+
+def in_mesh(fn: Callable[..., Any], mesh: Mesh | None) -> Callable[..., Any]:
+  """``fn`` (a jitted step) called, and so traced, with ``mesh`` as JAX's context mesh.
+
+  The layers read that mesh while they are traced (``zoo.layers.parallel``); ``lower`` is kept
+  so the compiled step can be inspected. ``mesh=None`` returns ``fn`` unchanged.
+  """
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+
+  def lower(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn.lower(*args, **kwargs)
+
+  call.lower = lower
+  return call

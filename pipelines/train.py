@@ -72,11 +72,19 @@ def loss_fn(graphdef, params, rest, batch, remat: bool = False):
   return total / jnp.maximum(count, 1.0), (total, count)
 
 
-def make_train_step(graphdef, rest, tx: optax.GradientTransformation, cfg: config_lib.TrainConfig):
+def make_train_step(
+  graphdef,
+  rest,
+  tx: optax.GradientTransformation,
+  cfg: config_lib.TrainConfig,
+  mesh: jax.sharding.Mesh | None = None,
+):
   """A jitted ``(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
   With ``grad_accum > 1`` the batch is split into micro-batches whose gradients are averaged
-  (weighted by their token counts) in a ``lax.scan``: one optimizer update per step.
+  (weighted by their token counts) in a ``lax.scan``: one optimizer update per step. With a
+  ``mesh`` the step runs under it: the layers constrain activations by the layout's rules and,
+  on a ``context`` axis, run ring attention and the sequence-parallel memory.
   """
   grad_fn = jax.value_and_grad(
     lambda p, b: loss_fn(graphdef, p, rest, b, cfg.remat)[1][0], has_aux=False
@@ -114,16 +122,16 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, cfg: confi
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": count}
     return params, opt_state, metrics
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return sharding.in_mesh(jax.jit(step, donate_argnums=(0, 1)), mesh)
 
 
-def make_eval_step(graphdef, rest):
+def make_eval_step(graphdef, rest, mesh: jax.sharding.Mesh | None = None):
   @jax.jit
   def step(params, batch):
     _, (total, count) = loss_fn(graphdef, params, rest, batch)
     return total, count
 
-  return step
+  return sharding.in_mesh(step, mesh)
 
 
 def evaluate_loss(eval_step, params, batches, to_device=lambda b: b) -> dict[str, float]:
@@ -167,12 +175,14 @@ def train(
       f"{exp.source}: data.batch_size={exp.data.batch_size} / train.grad_accum={cfg.grad_accum} "
       f"must be divisible by the mesh's data x fsdp = {shards} devices (set mesh.data)"
     )
-  graphdef, params, rest = build_model(exp, cfg.compute_dtype)
-  params = sharding.shard_params(params, mesh)
+  # Parameters are created already sharded: no device ever holds the whole model.
+  graphdef, params, rest = sharding.create_sharded(
+    lambda: build_model(exp, cfg.compute_dtype), mesh
+  )
   tx = optimizer(cfg)
   opt_state = sharding.place_state(tx.init(params), mesh)
-  train_step = make_train_step(graphdef, rest, tx, cfg)
-  eval_step = make_eval_step(graphdef, rest)
+  train_step = make_train_step(graphdef, rest, tx, cfg, mesh)
+  eval_step = make_eval_step(graphdef, rest, mesh)
   put = lambda b: sharding.shard_batch(b, mesh)
 
   # Resume: parameters, optimizer and data iterator come back together.

@@ -84,7 +84,7 @@ def test_hf_directory_imports_to_same_logits_and_back(tmp_path):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_import_hf_writes_a_run_load_run_accepts(tmp_path):
+def test_import_hf_writes_a_run_load_run_accepts(tmp_path, capsys):
   ref, directory = hf_llama(tmp_path, tie_word_embeddings=True)
   write_tokenizer(directory)
   run = tmp_path / "run"
@@ -98,6 +98,13 @@ def test_import_hf_writes_a_run_load_run_accepts(tmp_path):
   )
   with pytest.raises(FileExistsError, match="already holds a checkpoint"):
     hf.import_hf(directory, run)
+  # The CLI says so in one line naming the run (exit code 2) and rewrites nothing.
+  before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+  capsys.readouterr()
+  assert cli_main(["import-hf", str(directory), "--run", str(run)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and str(run) in err[0] and "already holds a checkpoint" in err[0], err
+  assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_unknown_architecture_is_refused(tmp_path, capsys):
@@ -190,3 +197,73 @@ def test_imported_run_is_accepted_by_eval(tmp_path):
   out = eval_suite.run(run, "heldout", batches=1)["heldout"]
   # A random 300-token model is near uniform: its loss sits close to ln(300) nats.
   assert out["step"] == 0 and abs(out["heldout_loss"] - np.log(300)) < 0.5
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+  """(HF reference, transformer of the imported run): ``memzoo import-hf`` then ``load_run``."""
+  tmp = tmp_path_factory.mktemp("imported")
+  ref, directory = hf_llama(tmp)
+  assert cli_main(["import-hf", str(directory), "--run", str(tmp / "run")]) == 0
+  _, model, _ = load_run(tmp / "run")
+  return ref, model
+
+
+# Each method wraps the imported transformer with no training. ``fits``: options under which the
+# whole test context (16 tokens) is inside the method's window/cache, so its logits must equal
+# the plain transformer's; ``evicts``: options under which it is not, so they must differ (the
+# method is really in the path).
+METHODS = {
+  "streaming": (
+    "zoo.streaming",
+    {"sinks": 4, "window": 16},
+    {"sinks": 2, "window": 4},
+  ),
+  "infllm": (
+    "zoo.infllm",
+    {"sinks": 4, "window": 16, "block_size": 4, "top_k": 1, "n_repr": 2, "chunk_size": 8},
+    {"sinks": 2, "window": 4, "block_size": 4, "top_k": 1, "n_repr": 2, "chunk_size": 4},
+  ),
+  "duo": (
+    "zoo.duo",
+    {"sinks": 4, "window": 16, "retrieval_heads": ((0,), (1,))},
+    {"sinks": 2, "window": 4, "retrieval_heads": ((0,), (1,))},
+  ),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_training_free_memory_methods_accept_an_imported_run(imported, method):
+  import importlib
+
+  ref, model = imported
+  module, fits, evicts = METHODS[method]
+  x = tokens(3)
+  plain = np.asarray(model(x)[0])
+  np.testing.assert_allclose(plain, torch_logits(ref, x), atol=TOL["logits"], rtol=TOL["logits"])
+  wrap = importlib.import_module(module).from_transformer
+  # Same float32 math in a different order (chunked prefill, per-head masks): same tolerance.
+  np.testing.assert_allclose(
+    np.asarray(wrap(model, **fits)(x)[0]), plain, atol=TOL["logits"], rtol=TOL["logits"]
+  )
+  small = np.asarray(wrap(model, **evicts)(x)[0])
+  # Positions inside the small window still match; later ones see fewer keys and move.
+  np.testing.assert_allclose(small[:, :4], plain[:, :4], atol=TOL["logits"], rtol=TOL["logits"])
+  assert np.abs(small[:, 8:] - plain[:, 8:]).max() > 100 * TOL["logits"]
+
+
+@pytest.mark.slow
+def test_extrapolate_accepts_an_imported_run(tmp_path):
+  import json as json_lib
+
+  _, directory = hf_llama(tmp_path)
+  data = {"max_documents": 20, "seq_len": 16, "batch_size": 2}
+  run = hf.import_hf(directory, tmp_path / "run", data=data)
+  args = ["--factors", "1,2", "--variants", "none,sinks_window", "--windows", "1"]
+  assert cli_main(["extrapolate", str(run), *args, "--passkey-examples", "1"]) == 0
+  saved = json_lib.loads((run / "extrapolation.json").read_text())
+  assert saved["step"] == 0 and saved["lengths"] == [16, 32]
+  for name in ("none", "sinks_window"):
+    for n in ("16", "32"):
+      # A random 300-token model: loss near ln(300) at every length.
+      assert abs(saved["variants"][name]["perplexity"][n]["mean_loss"] - np.log(300)) < 0.5

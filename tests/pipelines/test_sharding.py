@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pipelines import config as config_lib
 from pipelines import sharding
@@ -69,7 +70,8 @@ def one_step(mesh_cfg: dict):
   params = sharding.shard_params(params, mesh)
   tx = optax.sgd(SGD_LR)
   opt = sharding.place_state(tx.init(params), mesh)
-  step = make_train_step(graphdef, rest, tx, exp.train)
+  # Under the mesh, as `train` runs it: activations constrained, ring attention on `context`.
+  step = make_train_step(graphdef, rest, tx, exp.train, mesh)
   new_params, _, metrics = step(params, opt, sharding.shard_batch(batch(), mesh))
   shardings = [x.sharding for x in jax.tree.leaves(new_params)]
   return float(metrics["loss"]), [np.asarray(x) for x in jax.tree.leaves(new_params)], shardings
@@ -95,6 +97,53 @@ def test_layout_step_matches_one_device(layout, single_device):
   # The layout really splits something: at least one parameter is not fully replicated.
   if layout != "data=8":
     assert any(not s.is_fully_replicated for s in shardings)
+
+
+@pytest.mark.parametrize(
+  "mesh_cfg, layout",
+  [
+    ({"data": 8}, "data"),
+    ({"data": 1, "fsdp": 8}, "fsdp"),
+    ({"data": 1, "fsdp": 4, "tensor": 2}, "fsdp_tensor"),
+    ({"data": 1, "fsdp": 4, "context": 2}, "fsdp_context"),
+    ({"data": 1, "fsdp": 2, "tensor": 2, "context": 2}, "fsdp_tensor_context"),
+  ],
+)
+def test_each_layout_has_its_rules_table(mesh_cfg, layout):
+  exp = experiment(mesh_cfg)
+  mesh = sharding.make_mesh(exp.mesh)
+  assert sharding.layout_name(mesh) == layout
+  assert sharding.rules(mesh) is sharding.LAYOUTS[layout]
+  _, params, _ = build_model(exp)
+  # wq is [embed=32, heads=4, head_dim=8]: the table decides which mesh axes split it.
+  want = {
+    "data": P(None, None, None),
+    "fsdp": P("fsdp", None, None),
+    "fsdp_tensor": P("fsdp", "tensor", None),
+    "fsdp_context": P("fsdp", None, None),
+    "fsdp_tensor_context": P("fsdp", "tensor", None),
+  }[layout]
+  wq = sharding.param_shardings(params, mesh)["blocks"][0]["attn"]["wq"]
+  assert wq.spec == want
+  # Activations [B=8, T=16, D=32]: batch over data x fsdp, sequence over context.
+  act = sharding.logical_to_spec(("batch", "seq", "embed"), (8, 16, 32), mesh)
+  batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+  seq = "context" if mesh.shape["context"] > 1 else None
+  assert act == P(batch_axes[0] if len(batch_axes) == 1 else batch_axes, seq, None)
+
+
+def test_parameters_are_created_already_sharded():
+  exp = experiment(LAYOUTS["fsdp=4,context=2"])
+  mesh = sharding.make_mesh(exp.mesh)
+  graphdef, params, rest = sharding.create_sharded(lambda: build_model(exp), mesh)
+  eager_graphdef, eager, _ = build_model(exp)
+  assert graphdef == eager_graphdef
+  want = sharding.param_shardings(eager, mesh)
+  for got, ref, spec in zip(jax.tree.leaves(params), jax.tree.leaves(eager), jax.tree.leaves(want)):
+    assert got.sharding.is_equivalent_to(spec, got.ndim)
+    # Same initialisers and keys; XLA may fuse the normal transform differently under jit.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-7)
+  assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
 
 
 def test_context_axis_splits_the_sequence():

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import ops.attention as attn_ops
+from zoo.layers import parallel
 from zoo.layers.params import fan_in, param
 from zoo.layers.rope import RopeScaling, apply_rope, inv_frequencies
 
@@ -82,10 +83,11 @@ class Attention(nnx.Module):
     """Full-sequence attention. ``positions [B,T]`` int32, ``segment_ids [B,T]`` or None."""
     q, k, v = self.project_qkv(x, positions, x.shape[1])
     seg = None if segment_ids is None else (segment_ids, segment_ids)
-    o = attn_ops.dot_product_attention(
+    # Under a context mesh this is ring attention (zoo.layers.parallel); else the plain kernel.
+    o = parallel.attention(
       q, k, v, mask=self.mask, segment_ids=seg, implementation=self.implementation
     )
-    return self.out(o)
+    return parallel.constrain(self.out(o))
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> dict[str, jax.Array]:
     """An empty cache: ``k, v [B, max_len, K, Dh]``."""
