@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pipelines.bench_memory import bench_memory, format_table
+import pytest
+
+from pipelines.bench_memory import bench_memory, format_table, run_cli
 
 
 def test_bench_memory_rows_and_table():
@@ -31,3 +33,21 @@ def test_bench_memory_rows_and_table():
   table = format_table(rows).splitlines()
   assert len(table) == 2 + len(rows)
   assert "| xla | fwd+bwd | 64 |" in table[3] and "skipped" in table[5]
+
+
+def test_bench_memory_neural_op_through_the_cli():
+  # The neural memory's xla form and the reference at a tiny size, fwd+bwd: both rows timed.
+  rows = run_cli(
+    ["--op", "neural", "--impl", "xla", "reference", "--lengths", "16", "--heads", "1"]
+    + ["--dim", "4", "--hidden", "8", "--chunk", "8", "--repeats", "1", "--backward"]
+  )
+  assert [(r["implementation"], r["T"], r["mode"]) for r in rows] == [
+    ("xla", 16, "fwd+bwd"),
+    ("reference", 16, "fwd+bwd"),
+  ]
+  assert all(r["time_s"] > 0 and r["skipped"] is None for r in rows)
+
+
+def test_bench_memory_refuses_unknown_op():
+  with pytest.raises(ValueError, match="unknown op"):
+    bench_memory(lengths=(16,), op="titans")
