@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ops.attention import Mask
+from zoo.layers import parallel
 from zoo.layers.attention import Attention
 from zoo.layers.mlp import SwiGLU
 from zoo.layers.norms import RMSNorm
@@ -84,9 +85,11 @@ class Transformer(nnx.Module):
     restart at each document unless given). Returns ``(logits [B,T,vocab] f32, aux)``."""
     if positions is None:
       positions = document_positions(tokens.shape, segment_ids)
-    x = self.embed_tokens(tokens)
+    # Block boundaries are pinned to the layout (batch, seq, embed) when a mesh is active, so
+    # XLA does not pick a different split (e.g. regather the embedding) between blocks.
+    x = parallel.constrain(self.embed_tokens(tokens))
     for block in self.blocks:
-      x = block(x, positions, segment_ids)
+      x = parallel.constrain(block(x, positions, segment_ids))
     return self.logits(x), {}
 
   def init_state(self, batch: int, max_len: int | None = None) -> dict[str, Any]:
