@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 import ops.memory as mem_ops
+from zoo.layers import parallel
 from zoo.layers.conv import ShortConv
 from zoo.layers.norms import RMSNorm
 from zoo.layers.params import fan_in, param
@@ -202,7 +203,7 @@ class LinearAttention(nnx.Module):
       q, k, v = (self.conv[n](a, segment_ids) for n, a in (("q", q), ("k", k), ("v", v)))
     q, k, v = self._features(q, k, v)
     g, beta = self._gates(x)
-    o, state = mem_ops.gated_delta_rule(
+    o, state = parallel.gated_delta_rule(
       q,
       k,
       v,

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import ops.memory as mem_ops
+from zoo.layers import parallel
 from zoo.layers.conv import ShortConv
 from zoo.layers.hybrid import AttentionMixer, RecurrentLM
 from zoo.layers.linear_attention import decay_params
@@ -84,7 +85,7 @@ class Mamba2Mixer(nnx.Module):
     if self.conv is not None:
       u = {n: self.conv[n](a, segment_ids) for n, a in u.items()}
     q, k, v, g = self._ssd_inputs(x, u)
-    y, state = mem_ops.gated_delta_rule(
+    y, state = parallel.gated_delta_rule(
       q,
       k,
       v,

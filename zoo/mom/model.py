@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import ops.memory as mem_ops
+from zoo.layers import parallel
 from zoo.layers.conv import ShortConv
 from zoo.layers.hybrid import AttentionMixer, RecurrentLM
 from zoo.layers.linear_attention import decay_params, l2_normalize, log_decay
@@ -131,7 +132,7 @@ class MoMMixer(nnx.Module):
     if self.conv is not None:
       u = {n: self.conv[n](a, segment_ids) for n, a in u.items()}
     q, k, v, g, beta, weights, probs = self._memory_inputs(x, u)
-    o, state = mem_ops.gated_delta_rule(
+    o, state = parallel.gated_delta_rule(
       q,
       k,
       v,
