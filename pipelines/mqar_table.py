@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ VARIANTS = (
   Variant("jrt", "jrt", {"feature_dim": 8}),
 )
 
-DEFAULT_BUDGET = Budget(steps=300, batch_size=32)
+DEFAULT_BUDGET = Budget(steps=500, batch_size=32, lr=3e-3, eval_examples=256)
+DEFAULT_TASK = {"length": 32, "num_pairs": 4, "token_range": (0, 32)}
 
 
 def state_size(cfg: Any) -> int | None:
@@ -63,14 +65,14 @@ def state_size(cfg: Any) -> int | None:
 def mqar_table(
   *,
   budget: Budget = DEFAULT_BUDGET,
-  length: int = 64,
-  num_pairs: int = 8,
-  token_range: tuple[int, int] = (0, 64),
+  length: int = DEFAULT_TASK["length"],
+  num_pairs: int = DEFAULT_TASK["num_pairs"],
+  token_range: tuple[int, int] = DEFAULT_TASK["token_range"],
   families: tuple[str, ...] | None = None,
   seed: int = 0,
   progress: bool = False,
 ) -> list[dict[str, Any]]:
-  """Trains every variant (optionally only those of ``families``) and scores it.
+  """Trains every variant (optionally only the rows labelled one of ``families``) and scores it.
 
   Returns one dict per variant: label, family, overrides, state, params, accuracy, chance,
   seconds.
@@ -80,7 +82,7 @@ def mqar_table(
   held_out = MQAR(seed=seed + 1, num_examples=max(budget.eval_examples, 1), **kw)
   rows = []
   for v in VARIANTS:
-    if families and v.label not in families and v.family not in families:
+    if families and v.label not in families:
       continue
     overrides = dict(v.overrides)
     if v.family != "transformer":
@@ -116,7 +118,9 @@ def to_markdown(rows: list[dict[str, Any]], *, caption: str = "") -> str:
   ]
   key = lambda r: (r["label"] != "transformer", r["label"], r["state"] or 0)
   for r in sorted(rows, key=key):
-    variant = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "tiny"
+    # JSON turns tuples into lists; print them as the config field (a tuple) reads.
+    fmt = lambda v: tuple(v) if isinstance(v, list) else v
+    variant = ", ".join(f"{k}={fmt(v)}" for k, v in r["overrides"].items()) or "tiny"
     state = "KV cache (grows with T)" if r["state"] is None else f"{r['state']:,}"
     lines.append(
       f"| {r['label']} | {variant} | {state} | {r['params']:,} | {r['accuracy']:.3f} | "
@@ -127,31 +131,58 @@ def to_markdown(rows: list[dict[str, Any]], *, caption: str = "") -> str:
   return "\n".join(lines) + "\n"
 
 
+def save_rows(rows: list[dict[str, Any]], path: Path) -> None:
+  """Writes rows as JSON, so subsets trained in separate processes can be merged later."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(rows, indent=1))
+
+
+def load_rows(paths: list[Path]) -> list[dict[str, Any]]:
+  """Concatenates the rows of several ``save_rows`` files."""
+  return [row for p in paths for row in json.loads(Path(p).read_text())]
+
+
 def main(argv: list[str] | None = None) -> str:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--lr", type=float, default=3e-3)
-  p.add_argument("--eval-examples", type=int, default=256)
-  p.add_argument("--length", type=int, default=64)
-  p.add_argument("--pairs", type=int, default=8)
-  p.add_argument("--token-range", type=int, default=64, help="keys and values use ids [0, N)")
-  p.add_argument("--families", nargs="*", default=None, help="only these rows (label or family)")
-  p.add_argument("--out", type=Path, default=None, help="write the table here too")
-  a = p.parse_args(argv)
-  budget = Budget(steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_examples=a.eval_examples)
-  rows = mqar_table(
-    budget=budget,
-    length=a.length,
-    num_pairs=a.pairs,
-    token_range=(0, a.token_range),
-    families=tuple(a.families) if a.families else None,
-    progress=True,
+  d, t = DEFAULT_BUDGET, DEFAULT_TASK
+  p.add_argument("--steps", type=int, default=d.steps)
+  p.add_argument("--batch-size", type=int, default=d.batch_size)
+  p.add_argument("--lr", type=float, default=d.lr)
+  p.add_argument("--eval-examples", type=int, default=d.eval_examples)
+  p.add_argument("--length", type=int, default=t["length"])
+  p.add_argument("--pairs", type=int, default=t["num_pairs"])
+  p.add_argument(
+    "--token-range", type=int, default=t["token_range"][1], help="keys and values use ids [0, N)"
   )
+  p.add_argument("--families", nargs="*", default=None, help="only rows with these labels")
+  p.add_argument("--out", type=Path, default=None, help="write the table here too")
+  p.add_argument("--rows", type=Path, default=None, help="write the rows as JSON here too")
+  p.add_argument(
+    "--merge",
+    type=Path,
+    nargs="+",
+    default=None,
+    help="train nothing: render one table from --rows files of earlier (e.g. parallel) runs",
+  )
+  a = p.parse_args(argv)
   caption = (
     f"MQAR, length {a.length}, {a.pairs} pairs, ids [0, {a.token_range}); "
     f"{a.steps} steps x batch {a.batch_size}, lr {a.lr}; {a.eval_examples} held-out examples."
   )
+  if a.merge:
+    rows = load_rows(a.merge)
+  else:
+    budget = Budget(steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_examples=a.eval_examples)
+    rows = mqar_table(
+      budget=budget,
+      length=a.length,
+      num_pairs=a.pairs,
+      token_range=(0, a.token_range),
+      families=tuple(a.families) if a.families else None,
+      progress=True,
+    )
+  if a.rows is not None:
+    save_rows(rows, a.rows)
   table = to_markdown(rows, caption=caption)
   print(table)
   if a.out is not None:

@@ -55,8 +55,11 @@ def test_gradients_finite_and_nonzero(name):
   check_gradients(zoo.build(cfg(name), rngs=1), tokens(3, 2, 20))
 
 
+# Gated DeltaNet's output gate silu(x W_gate) multiplies the memory read by key-dependent noise
+# at initialisation, which slows MQAR learning about threefold (200 steps x 16, 2 heads: DeltaNet
+# 0.88, with the output gate 0.10; gated DeltaNet 0.11, without it 0.52), so it gets 500 steps.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_mqar_beats_chance(name):
-  result = train_mqar(zoo.config(name, "tiny"))
+@pytest.mark.parametrize("name, steps", [("deltanet", 200), ("gated_deltanet", 500)])
+def test_mqar_beats_chance(name, steps):
+  result = train_mqar(zoo.config(name, "tiny"), steps=steps)
   assert result["accuracy"] > 3 * result["chance"], result["accuracy"]

@@ -19,7 +19,7 @@ from flax import nnx
 import zoo
 from zoo.layers.conv import ShortConv
 from zoo.layers.hybrid import AttentionMixer
-from zoo.layers.linear_attention import taylor
+from zoo.layers.linear_attention import LinearAttention, decay_params, taylor
 from zoo.mom.model import route
 
 # Tolerances. Models are float32; decode runs the step recurrence (or the chunked op with an
@@ -190,6 +190,48 @@ def test_short_conv_step_matches_forward_and_respects_segments():
   np.testing.assert_allclose(full[0, :, 1, 0], pre / (1 + np.exp(-pre)), atol=TOL["conv"])
 
 
+def test_decay_init_follows_mamba2():
+  # Mamba-2 / gated DeltaNet (and MoM, which reuses it): A ~ U(1, 16) stored as log A;
+  # softplus(dt_bias) log-uniform in [1e-3, 0.1] (dt_bias = inverse softplus of dt).
+  a_log, dt_bias = decay_params(nnx.Rngs(3), 256)
+  a = np.exp(np.asarray(a_log[...], np.float64))
+  dt = np.log1p(np.exp(np.asarray(dt_bias[...], np.float64)))
+  assert np.all((a >= 1.0) & (a <= 16.0)) and abs(a.mean() - 8.5) < 1.0, a
+  assert np.all((dt >= 1e-3 * (1 - 1e-4)) & (dt <= 0.1 * (1 + 1e-4))), dt
+  assert abs(np.log(dt).mean() - np.log(1e-2)) < 0.3  # log-uniform: mean log is the midpoint
+
+
+def test_gated_delta_layer_matches_a_numpy_recurrence():
+  """The gated DeltaNet mixer against the paper's recurrence written directly in numpy:
+  ``S_t = a_t S_{t-1} + beta_t k_t (v_t - a_t S_{t-1}^T k_t)^T`` with
+  ``a_t = exp(-exp(A_log) softplus(x_t W_a + dt_bias))`` applied once per step, and
+  ``o_t = K^-1/2 S_t^T q_t`` (catches a decay applied twice, a wrong sign or gates on the wrong
+  axis)."""
+  H, K = 2, 4
+  layer = LinearAttention(
+    16, H, K, K, feature_map="l2", rule="delta", decay="gated", conv_width=3, rngs=nnx.Rngs(0)
+  )
+  x = jax.random.normal(jax.random.key(1), (2, 9, 16))
+  _, aux = layer(x)
+  q, k, v = layer._inputs(x)
+  q, k, v = (layer.conv[n](t) for n, t in (("q", q), ("k", k), ("v", v)))
+  q, k, v = (np.asarray(t, np.float64) for t in layer._features(q, k, v))
+  x64 = np.asarray(x, np.float64)
+  pre = x64 @ np.asarray(layer.w_a[...], np.float64) + np.asarray(layer.dt_bias[...], np.float64)
+  alpha = np.exp(-np.exp(np.asarray(layer.a_log[...], np.float64)) * np.log1p(np.exp(pre)))
+  beta = 1 / (1 + np.exp(-np.einsum("btd,dh->bth", x64, np.asarray(layer.w_beta[...]))))
+  state = np.zeros((2, H, K, K))
+  outs = []
+  for t in range(x.shape[1]):
+    decayed = alpha[:, t, :, None, None] * state
+    err = v[:, t] - np.einsum("bhkv,bhk->bhv", decayed, k[:, t])
+    state = decayed + beta[:, t, :, None, None] * np.einsum("bhk,bhv->bhkv", k[:, t], err)
+    outs.append(np.einsum("bhkv,bhk->bhv", state, q[:, t]) * K**-0.5)
+  np.testing.assert_allclose(aux["state"], state, atol=1e-5)
+  o = jnp.asarray(np.stack(outs, 1), jnp.float32)
+  np.testing.assert_allclose(layer(x)[0], layer._output(x, o), atol=1e-5)
+
+
 def test_taylor_features_give_the_exp_expansion():
   q = jax.random.normal(jax.random.key(2), (5, 8))
   k = jax.random.normal(jax.random.key(3), (5, 8))
@@ -246,6 +288,27 @@ def test_mqar_table_markdown_orders_rows():
   assert lines[2].startswith("| transformer |") and "KV cache" in lines[2]
   assert "| 100 |" in lines[3] and "| 200 |" in lines[4]
   assert lines[-1] == "Chance: 0.062."
+
+
+def test_mqar_table_merges_rows_of_separate_runs(tmp_path):
+  from pipelines.mqar_table import main, save_rows
+
+  row = dict(params=10, chance=1 / 16, seconds=1.0)
+  save_rows(
+    [{**row, "label": "based", "overrides": {"feature_dim": 4}, "state": 100, "accuracy": 0.5}],
+    tmp_path / "a.json",
+  )
+  save_rows(
+    [{**row, "label": "transformer", "overrides": {}, "state": None, "accuracy": 0.9}],
+    tmp_path / "b.json",
+  )
+  table = main(
+    ["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "t.md")]
+  )
+  lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+  assert [line.split(" | ")[0] for line in lines] == ["| transformer", "| based"]
+  assert "feature_dim=4" in lines[1] and "| 0.500 |" in lines[1]
+  assert (tmp_path / "t.md").read_text() == table
 
 
 @pytest.mark.slow
