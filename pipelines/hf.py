@@ -41,6 +41,10 @@ def config_to_hf(cfg: Any) -> dict[str, Any]:
     raise UnsupportedModelError(f"HF export covers the transformer family, not {cfg.family!r}")
   if cfg.window is not None or cfg.sinks:
     raise UnsupportedModelError("HF Llama has no sliding window or sinks; export with window=null")
+  if cfg.conv_width:
+    raise UnsupportedModelError(
+      f"HF Llama has no q/k/v convolutions; this model has conv_width={cfg.conv_width}"
+    )
   out = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -204,10 +208,10 @@ def export_hf(model: nnx.Module, out: str | Path) -> Path:
   """Writes ``out/{config.json, model.safetensors}`` in HF Llama layout; returns ``out``."""
   from safetensors.numpy import save_file
 
+  cfg = model.config
+  hf_cfg = config_to_hf(cfg)  # refuses what Llama cannot express before anything is written
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  cfg = model.config
-  hf_cfg = config_to_hf(cfg)
   save_file(
     to_hf_weights(flat_params(model), cfg),
     str(out / "model.safetensors"),

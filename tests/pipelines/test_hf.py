@@ -107,6 +107,16 @@ def test_import_hf_writes_a_run_load_run_accepts(tmp_path, capsys):
   assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize(
+  "field, match", [({"window": 8}, "sliding window"), ({"conv_width": 3}, "convolutions")]
+)
+def test_export_refuses_what_llama_cannot_express(tmp_path, field, match):
+  model = zoo.build(zoo.config("transformer", "tiny", **SMALL, **field), rngs=0)
+  with pytest.raises(hf.UnsupportedModelError, match=match):
+    hf.export_hf(model, tmp_path / "export")
+  assert not (tmp_path / "export").exists()
+
+
 def test_unknown_architecture_is_refused(tmp_path, capsys):
   _, directory = hf_llama(tmp_path)
   cfg = json.loads((directory / "config.json").read_text())

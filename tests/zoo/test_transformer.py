@@ -11,6 +11,7 @@ from flax import nnx
 import zoo
 from tests.zoo.helpers import decode_all, forward_fn, step_fn
 from zoo.layers.rope import RopeScaling
+from zoo.streaming.model import from_transformer as streaming_from_transformer
 
 # Float32 model; differences come only from summation order (blockwise vs dense attention).
 ATOL = 2e-4
@@ -44,9 +45,10 @@ def test_params_carry_logical_axes():
   assert model.blocks[0].attn.wq.get_metadata()["out_sharding"] == ("embed", "heads", "head_dim")
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_causal(window):
-  f = forward_fn(zoo.build(tiny(window=window, sinks=2 if window else 0), rngs=0))
+@pytest.mark.parametrize("window, conv", [(None, 0), (5, 0), (None, 3)])
+def test_causal(window, conv):
+  cfg = tiny(window=window, sinks=2 if window else 0, conv_width=conv)
+  f = forward_fn(zoo.build(cfg, rngs=0))
   x = tokens(0, 2, 24)
   y = x.at[:, 13].set((x[:, 13] + 1) % 260)
   a, b = f(x), f(y)
@@ -54,7 +56,16 @@ def test_causal(window):
   assert np.abs(np.asarray(a[:, 13:] - b[:, 13:])).max() > 1e-4
 
 
-@pytest.mark.parametrize("cfg_kw", [{}, {"window": 6, "sinks": 2}, {"tie_embeddings": False}])
+@pytest.mark.parametrize(
+  "cfg_kw",
+  [
+    {},
+    {"window": 6, "sinks": 2},
+    {"tie_embeddings": False},
+    {"conv_width": 3},
+    {"conv_width": 4, "window": 6, "sinks": 2},
+  ],
+)
 def test_decode_matches_forward(cfg_kw):
   model = zoo.build(tiny(**cfg_kw), rngs=1)
   x = tokens(1, 2, 20)
@@ -65,8 +76,9 @@ def test_decode_matches_forward(cfg_kw):
   assert state["lengths"].tolist() == [20, 20]
 
 
-def test_decode_per_sequence_lengths():
-  model = zoo.build(tiny(), rngs=2)
+@pytest.mark.parametrize("conv", [0, 3])
+def test_decode_per_sequence_lengths(conv):
+  model = zoo.build(tiny(conv_width=conv), rngs=2)
   step, f = step_fn(model), forward_fn(model)
   x = tokens(2, 2, 12)
   # Sequence 0 gets 5 prompt tokens, sequence 1 gets 9: prefill them separately, then step.
@@ -80,8 +92,9 @@ def test_decode_per_sequence_lengths():
   np.testing.assert_allclose(logits[1, 0], ref1[0, -1], atol=ATOL)
 
 
-def test_packed_documents_do_not_interact():
-  f = forward_fn(zoo.build(tiny(), rngs=3))
+@pytest.mark.parametrize("conv", [0, 3])
+def test_packed_documents_do_not_interact(conv):
+  f = forward_fn(zoo.build(tiny(conv_width=conv), rngs=3))
   a, b = tokens(3, 1, 9), tokens(4, 1, 7)
   packed = jnp.concatenate([a, b], axis=1)
   seg = jnp.concatenate([jnp.ones((1, 9), jnp.int32), 2 * jnp.ones((1, 7), jnp.int32)], axis=1)
@@ -89,6 +102,33 @@ def test_packed_documents_do_not_interact():
   ra, rb = f(a), f(b)
   np.testing.assert_allclose(out[:, :9], ra, atol=ATOL)
   np.testing.assert_allclose(out[:, 9:], rb, atol=ATOL)
+
+
+def test_primer_convolution_follows_its_definition():
+  """conv_width=w: q, k, v of every head are causal depthwise convolutions of the projections,
+  ``y_t = sum_j w_j x_{t-w+1+j}`` (zeros before the start), taken before RoPE."""
+  model = zoo.build(tiny(conv_width=3, n_layers=1), rngs=7)
+  attn = model.blocks[0].attn
+  x = jax.random.normal(jax.random.key(8), (2, 11, 64))
+  pos = jnp.broadcast_to(jnp.arange(11), (2, 11))
+  q, k, v, _ = attn._convolved_qkv(x, pos, 11)
+  raw = dict(zip("qkv", attn._linear(x)))
+  for name, got in (("q", q), ("k", k), ("v", v)):
+    w = np.asarray(attn.conv[name].weight[...])  # [width, heads, Dh]
+    r = np.pad(np.asarray(raw[name]), ((0, 0), (2, 0), (0, 0), (0, 0)))
+    want = sum(w[j] * r[:, j : j + 11] for j in range(3))
+    if name != "v":  # q and k are rotated after the convolution
+      want = np.asarray(attn.rotate(jnp.asarray(want), pos, 11))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_primer_backbone_is_refused_by_raw_projection_memories():
+  model = zoo.build(tiny(conv_width=3), rngs=0)
+  with pytest.raises(ValueError, match="conv_width"):
+    model.blocks[0].attn.project(jnp.zeros((1, 4, 64)))
+  streaming = streaming_from_transformer(model, sinks=2, window=4)
+  with pytest.raises(ValueError, match="conv_width=3"):
+    streaming(tokens(0, 1, 8))
 
 
 def test_gradients_finite_and_nonzero():

@@ -10,6 +10,7 @@ from flax import nnx
 
 import ops.attention as attn_ops
 from zoo.layers import parallel
+from zoo.layers.conv import ShortConv
 from zoo.layers.params import fan_in, param
 from zoo.layers.rope import RopeScaling, apply_rope, inv_frequencies
 
@@ -21,6 +22,13 @@ class Attention(nnx.Module):
 
   ``x [B,T,D] -> [B,T,D]``. Projections are einsums over ``[D, H, Dh]`` parameters so heads
   shard over the ``heads``/``kv_heads`` logical axes.
+
+  ``conv_width > 0`` adds Primer's multi-dconv-head attention (So et al. 2021): a causal
+  depthwise convolution over time after each of the q, k, v projections, before RoPE. The
+  decode cache then also holds each convolution's last ``conv_width - 1`` inputs. Only this
+  layer's own paths (``__call__``, ``step``) apply it; ``project`` refuses, so the cache
+  policies built on raw projections (StreamingLLM, Duo, InfLLM, landmark) cannot silently skip
+  it.
   """
 
   def __init__(
@@ -34,6 +42,7 @@ class Attention(nnx.Module):
     rope_scaling: RopeScaling | None = None,
     mask: attn_ops.Mask | tuple[attn_ops.Mask, ...] = CAUSAL,
     implementation: str | None = None,
+    conv_width: int = 0,
     rngs: nnx.Rngs,
   ):
     self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
@@ -51,6 +60,17 @@ class Attention(nnx.Module):
       (n_heads, head_dim, d_model),
       ("heads", "head_dim", "embed"),
     )
+    heads = {"q": (n_heads, "heads"), "k": (n_kv_heads, "kv_heads"), "v": (n_kv_heads, "kv_heads")}
+    self.conv = (
+      nnx.Dict(
+        {
+          n: ShortConv((h, head_dim), (axis, "head_dim"), conv_width, activation=False, rngs=rngs)
+          for n, (h, axis) in heads.items()
+        }
+      )
+      if conv_width
+      else None
+    )
 
   def rope(self, seq_len: int):
     """(inv_freq, mscale) for a sequence whose longest position is ``seq_len``."""
@@ -58,6 +78,15 @@ class Attention(nnx.Module):
 
   def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Un-rotated ``q [B,T,H,Dh]``, ``k, v [B,T,K,Dh]`` (cache policies place RoPE themselves)."""
+    if self.conv is not None:
+      raise ValueError(
+        "this attention layer has short convolutions (conv_width > 0), which only the "
+        "transformer's own full-cache path applies; build the backbone with conv_width=0 for "
+        "StreamingLLM, DuoAttention, InfLLM, landmark or HMT"
+      )
+    return self._linear(x)
+
+  def _linear(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     dt = x.dtype
     q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
@@ -74,6 +103,26 @@ class Attention(nnx.Module):
     q, k, v = self.project(x)
     return self.rotate(q, positions, seq_len), self.rotate(k, positions, seq_len), v
 
+  def _convolved_qkv(self, x, positions, seq_len, *, segment_ids=None, conv_state=None):
+    """``project_qkv`` with the Primer convolutions (if any) applied before RoPE.
+
+    ``conv_state`` (decode) is ``{"q", "k", "v": [B, conv_width-1, heads, Dh]}``; returns
+    ``(q, k, v, new conv_state)`` (``None`` without convolutions or in the forward).
+    """
+    q, k, v = self._linear(x)
+    new_state = None
+    if self.conv is not None:
+      qkv = {"q": q, "k": k, "v": v}
+      if conv_state is None:  # full sequence: taps never cross a document start
+        qkv = {n: self.conv[n](a, segment_ids) for n, a in qkv.items()}
+      else:
+        stepped = {n: self.conv[n].step(a, conv_state[n]) for n, a in qkv.items()}
+        qkv = {n: y for n, (y, _) in stepped.items()}
+        new_state = {n: s for n, (_, s) in stepped.items()}
+      q, k, v = qkv["q"], qkv["k"], qkv["v"]
+    q, k = self.rotate(q, positions, seq_len), self.rotate(k, positions, seq_len)
+    return q, k, v, new_state
+
   def out(self, o: jax.Array) -> jax.Array:
     return jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(o.dtype))
 
@@ -81,7 +130,7 @@ class Attention(nnx.Module):
     self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None
   ) -> jax.Array:
     """Full-sequence attention. ``positions [B,T]`` int32, ``segment_ids [B,T]`` or None."""
-    q, k, v = self.project_qkv(x, positions, x.shape[1])
+    q, k, v, _ = self._convolved_qkv(x, positions, x.shape[1], segment_ids=segment_ids)
     seg = None if segment_ids is None else (segment_ids, segment_ids)
     # Under a context mesh this is ring attention (zoo.layers.parallel); else the plain kernel.
     o = parallel.attention(
@@ -90,9 +139,12 @@ class Attention(nnx.Module):
     return parallel.constrain(self.out(o))
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> dict[str, jax.Array]:
-    """An empty cache: ``k, v [B, max_len, K, Dh]``."""
+    """An empty cache: ``k, v [B, max_len, K, Dh]`` (and ``conv``, the convolution buffers)."""
     shape = (batch, max_len, self.n_kv_heads, self.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    if self.conv is not None:
+      cache["conv"] = {n: c.init_state(batch, dtype) for n, c in self.conv.items()}
+    return cache
 
   def step(
     self, x: jax.Array, cache: dict[str, Any], lengths: jax.Array
@@ -105,11 +157,13 @@ class Attention(nnx.Module):
     t = x.shape[1]
     max_len = cache["k"].shape[1]
     positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    q, k, v = self.project_qkv(x, positions, max_len)
+    q, k, v, conv = self._convolved_qkv(x, positions, max_len, conv_state=cache.get("conv"))
     write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
-    cache = {
+    new = {
       "k": write(cache["k"], k.astype(cache["k"].dtype), lengths),
       "v": write(cache["v"], v.astype(cache["v"].dtype), lengths),
     }
-    o = attn_ops.decode_attention(q, cache["k"], cache["v"], lengths=lengths + t, mask=self.mask)
-    return self.out(o.astype(x.dtype)), cache
+    if conv is not None:
+      new["conv"] = conv
+    o = attn_ops.decode_attention(q, new["k"], new["v"], lengths=lengths + t, mask=self.mask)
+    return self.out(o.astype(x.dtype)), new

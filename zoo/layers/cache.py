@@ -198,9 +198,21 @@ class SinkCache:
     return o.astype(q.dtype), new
 
 
+def check_plain_backbone(backbone) -> None:
+  """The cache policies here re-implement attention on raw projections; refuse a backbone whose
+  attention has Primer convolutions (``conv_width > 0``) instead of silently dropping them."""
+  width = getattr(backbone.config, "conv_width", 0)
+  if width:
+    raise ValueError(
+      f"this memory needs a Llama-layout backbone, but its transformer has conv_width={width} "
+      "(Primer convolutions); use a backbone trained with conv_width=0"
+    )
+
+
 def forward_blocks(backbone, x, attend: Callable[[int, Any, jax.Array], jax.Array]):
   """Runs ``backbone``'s blocks on embeddings ``x [B,T,D]`` with ``attend(layer, attn, h)`` in
   place of each block's attention; returns the final hidden states ``[B,T,D]`` (pre-norm)."""
+  check_plain_backbone(backbone)
   for i, block in enumerate(backbone.blocks):
     x = x + attend(i, block.attn, block.attn_norm(x))
     x = x + block.mlp(block.mlp_norm(x))
@@ -210,6 +222,7 @@ def forward_blocks(backbone, x, attend: Callable[[int, Any, jax.Array], jax.Arra
 def step_blocks(backbone, x, caches, step: Callable[..., tuple[jax.Array, Any]]):
   """Decode counterpart of :func:`forward_blocks`: ``step(layer, attn, h, cache) -> (out,
   cache)``. Returns ``(hidden [B,t,D], new caches)``."""
+  check_plain_backbone(backbone)
   new = []
   for i, (block, cache) in enumerate(zip(backbone.blocks, caches)):
     h, cache = step(i, block.attn, block.attn_norm(x), cache)

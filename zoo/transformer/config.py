@@ -25,6 +25,9 @@ class TransformerConfig:
     rope_scaling: RoPE scaling for extrapolation (none by default).
     window: sliding-window attention width (None = full causal).
     sinks: attention-sink keys that stay visible through the window (StreamingLLM).
+    conv_width: Primer's multi-dconv-head attention: a causal depthwise convolution of this
+      width over time after the q, k and v projections (0 = none, the Llama layout; the
+      training-free memories and the HF export need 0).
     norm_eps: RMSNorm epsilon.
     tie_embeddings: output projection = transposed input embedding.
     dtype: compute dtype; parameters stay float32.
@@ -44,6 +47,7 @@ class TransformerConfig:
   rope_scaling: RopeScaling | None = None
   window: int | None = None
   sinks: int = 0
+  conv_width: int = 0
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -66,6 +70,8 @@ class TransformerConfig:
       raise ValueError(f"window must be >= 1 or null, got {self.window}")
     if self.sinks < 0:
       raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+    if self.conv_width < 0:
+      raise ValueError(f"conv_width must be >= 0 (0 = no convolution), got {self.conv_width}")
 
   @property
   def resolved_head_dim(self) -> int:

@@ -32,6 +32,7 @@ class Block(nnx.Module):
       rope_scaling=c.rope_scaling,
       mask=Mask(causal=True, window=c.window, sinks=c.sinks if c.window else 0),
       implementation=c.attention_impl,
+      conv_width=c.conv_width,
       rngs=rngs,
     )
     self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs)
