@@ -2,7 +2,8 @@
 
 Outputs, final states and gradients of every input (queries, keys, values, the three gates,
 the Omega weights and the initial weights) for depth-1 and depth-2 memories, lengths that are
-not chunk multiples, f32 and bf16 inputs, and every option (Omega window, feature maps, Muon).
+not chunk multiples, f32 and bf16 inputs, and every option (Omega window, feature maps, Muon,
+the Hebbian "dot" objective).
 """
 
 from __future__ import annotations
@@ -187,12 +188,31 @@ class NeuralMemoryConformance:
   def test_muon(self, depth):
     self.check(9, depth, 4, optimizer="muon", ns_steps=3, omega_window=2)
 
-  @pytest.mark.parametrize("feature_map", ["poly2", pytest.param("elu1", marks=pytest.mark.slow)])
+  @pytest.mark.parametrize(
+    "depth, chunk_size, options",
+    [(1, 1, dict(omega_window=2)), (2, 4, dict(omega_window=6))]
+    + [
+      pytest.param(*c, marks=pytest.mark.slow)
+      for c in [
+        (1, 4, dict(omega_window=3)),
+        (2, 1, {}),
+        (2, 4, dict(optimizer="muon", ns_steps=3, omega_window=2)),
+      ]
+    ],
+  )
+  def test_dot_objective(self, depth, chunk_size, options):
+    # The Hebbian loss -<M(k), v>, with momentum, decay and Omega weights on a window that
+    # reaches across chunk boundaries (depth 1: the gradient does not depend on M at all).
+    self.check(11, depth, chunk_size, objective="dot", use_omega_weights=True, **options)
+
+  @pytest.mark.parametrize(
+    "feature_map", ["poly2", "poly3", pytest.param("elu1", marks=pytest.mark.slow)]
+  )
   def test_feature_maps(self, feature_map):
     self.check(7, 2, 4, grads=False, feature_map=feature_map)
 
   @pytest.mark.slow
-  @pytest.mark.parametrize("feature_map", ["poly2", "elu1"])
+  @pytest.mark.parametrize("feature_map", ["poly2", "poly3", "elu1"])
   def test_feature_map_grads(self, feature_map):
     self.check(7, 2, 4, feature_map=feature_map)
 

@@ -198,6 +198,7 @@ def test_unsupported_options_raise_and_fall_back():
   )
   for kw, match in [
     ({"optimizer": "muon"}, "momentum"),
+    ({"objective": "dot"}, "objective='l2'"),
     ({"omega_window": 2}, "omega_window"),
     ({"chunk_size": 4}, "chunk_size >= 8"),
   ]:
@@ -205,10 +206,11 @@ def test_unsupported_options_raise_and_fall_back():
       call("pallas_tpu", **kw)
   with pytest.raises(NotSupportedError, match="powers of two"):
     call("pallas_gpu")  # C = 8 is below Triton's 16
-  # A sequence of names falls back in order: Muon runs on xla.
-  y, _ = call(("pallas_tpu", "xla"), optimizer="muon")
-  y_xla, _ = call("xla", optimizer="muon")
-  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_xla))
+  # A sequence of names falls back in order: Muon and the dot objective run on xla.
+  for kw in ({"optimizer": "muon"}, {"objective": "dot"}):
+    y, _ = call(("pallas_tpu", "xla"), **kw)
+    y_xla, _ = call("xla", **kw)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_xla))
 
 
 def test_traced_position_is_not_supported():

@@ -2,11 +2,14 @@
 
 The implementations are checked against each other in ``test_neural_memory.py``; here the op
 is checked against things written from the math alone (a per-token ``jax.grad`` loop, the
-delta rule, Newton-Schulz's invariant, the poly2 kernel identity) and against itself (step
-decoding and split sequences equal one call).
+delta rule, causal linear attention for the Hebbian objective, Newton-Schulz's invariant, the
+polynomial kernels' Taylor series) and against itself (step decoding and split sequences equal
+one call).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +20,11 @@ from ops.memory.neural import common, feature_dim, init_memory, neural_memory, n
 from tests.ops.test_neural_memory import B, H, K, V, assert_close, fast_jit, make_inputs, run
 
 
-def independent_titans(qkv, gates, memory, omega=None, window=1, activation="silu"):
+def independent_titans(qkv, gates, memory, omega=None, window=1, activation="silu", objective="l2"):
   """Token-by-token Titans/ATLAS at chunk_size=1, written from the paper's equations.
 
-  Python loop over tokens; per (batch, head) ``jax.grad`` of the windowed squared error.
+  Python loop over tokens; per (batch, head) ``jax.grad`` of the windowed squared error (or,
+  with ``objective="dot"``, of the windowed negative inner product ``-<M(k), v>``).
   """
   q, k, v = (np.asarray(x, np.float32) for x in qkv)
   lr, eta, alpha = (np.asarray(gates[n], np.float32) for n in ("lr", "momentum", "decay"))
@@ -33,6 +37,8 @@ def independent_titans(qkv, gates, memory, omega=None, window=1, activation="sil
     return common.ACTIVATIONS[activation](x @ m["w1"]) @ m["w2"]
 
   def window_loss(m, keys, values, weights):
+    if objective == "dot":
+      return -sum(w * jnp.dot(forward(m, x), y) for x, y, w in zip(keys, values, weights))
     return sum(w * jnp.sum((forward(m, x) - y) ** 2) for x, y, w in zip(keys, values, weights))
 
   ys = np.zeros((batch, length, heads, v.shape[-1]), np.float32)
@@ -65,6 +71,44 @@ def test_omega_window_is_atlas(implementation):
   y, _ = run(implementation, qkv, gates, memory, omega, chunk_size=1, omega_window=3)
   expected = independent_titans(qkv, gates, memory, omega, window=3)
   assert_close(y, expected, jnp.float32, "value", "y")
+
+
+def test_dot_objective_is_the_hebbian_loss():
+  """``objective="dot"``: gradients of the gamma-weighted ``-<M(k_s), v_s>`` over the window."""
+  qkv, gates, memory, omega = make_inputs(12, 6, depth=2)
+  opts = dict(chunk_size=1, omega_window=2, objective="dot")
+  y, _ = run("reference", qkv, gates, memory, omega, **opts)
+  expected = independent_titans(qkv, gates, memory, omega, window=2, objective="dot")
+  assert_close(y, expected, jnp.float32, "value", "y")
+
+
+@pytest.mark.parametrize(
+  "implementation, chunk_size, window",
+  [("reference", 1, 1), ("xla", 1, 1), ("xla", 4, 1), ("xla", 4, 3)],
+)
+def test_dot_objective_depth_one_is_linear_attention(implementation, chunk_size, window):
+  """Depth 1, theta = 1, eta = alpha = 0, identity features, M_0 = 0: the Hebbian step is
+  ``W_t = W_{t-1} + sum_{s in window(t)} gamma_s k_s (x) v_s`` (no factor 2 and no
+  ``1/sqrt(K)``: the op does not scale keys), so ``o_t = sum_{s<=t} n_ts gamma_s (q_t.k_s) v_s``
+  with ``n_ts = min(c, t - s + 1)`` (a token stays in the window for c steps). With ``c = 1``
+  and gamma = 1 that is unnormalised causal linear attention, at any chunk size."""
+  qkv, gates, memory, omega = make_inputs(11, 9, depth=1)
+  ones, zeros = jnp.ones_like(gates["lr"]), jnp.zeros_like(gates["lr"])
+  gates = dict(lr=ones, momentum=zeros, decay=zeros)
+  memory = {"w": jnp.zeros_like(memory["w"])}
+  if window == 1:
+    omega = None
+  opts = dict(chunk_size=chunk_size, omega_window=window, objective="dot")
+  y, state = run(implementation, qkv, gates, memory, omega, **opts)
+  q, k, v = (np.asarray(x, np.float64) for x in qkv)
+  gamma = np.ones(q.shape[:3]) if omega is None else np.asarray(omega, np.float64)
+  t = np.arange(q.shape[1])
+  counts = np.clip(np.minimum(window, t[:, None] - t[None, :] + 1), 0, None)  # [t, s]
+  scores = np.einsum("bthk,bshk->bhts", q, k) * counts * np.moveaxis(gamma, 1, 2)[:, :, None]
+  expected = np.einsum("bhts,bshv->bthv", scores, v)
+  assert_close(y, expected, jnp.float32, "value", "y")
+  w_final = np.einsum("bs,bshk,bshv->bhkv", counts[-1:].repeat(B, 0), gamma[..., None] * k, v)
+  assert_close(state["weights"]["w"], w_final, jnp.float32, "value", "W")
 
 
 def test_omega_window_one_is_plain():
@@ -102,11 +146,13 @@ def test_depth_one_without_momentum_is_the_delta_rule(implementation):
     dict(chunk_size=1),
     dict(chunk_size=4, omega_window=3),
     dict(chunk_size=2, optimizer="muon", ns_steps=2),
+    dict(chunk_size=4, omega_window=3, objective="dot", feature_map="poly3"),
   ],
-  ids=["titans", "omega", "muon"],
+  ids=["titans", "omega", "muon", "dot-poly3"],
 )
 def test_step_decoding_equals_full_op(options):
-  qkv, gates, memory, omega = make_inputs(7, 7, depth=2)
+  fmap = options.get("feature_map", "identity")
+  qkv, gates, memory, omega = make_inputs(7, 7, depth=2, feature_map=fmap)
   y, state = neural_memory(*qkv, **gates, memory=memory, omega_weights=omega, **options)
   step = fast_jit(
     lambda *a, memory: neural_memory_step(
@@ -167,13 +213,37 @@ def test_newton_schulz_orthogonalises():
   assert np.all(np.isfinite(jax.grad(lambda x: common.newton_schulz(x, 5).sum())(0.0 * g)))
 
 
-def test_poly2_feature_map_kernel():
+@pytest.mark.parametrize(
+  "feature_map, width",
+  [("poly2", 1 + K + K * K), ("poly3", math.comb(K + 3, 3)), ("poly4", math.comb(K + 4, 4))],
+)
+def test_poly_feature_map_kernel(feature_map, width):
+  """``phi(x) . phi(y) = sum_{i<=P} (x.y)^i / i!``, the exponential series truncated at P."""
+  degree = int(feature_map[4:])
   x, y = jax.random.normal(jax.random.key(1), (2, 6, K))
-  phi = lambda z: common.apply_feature_map(z, "poly2")
-  dots = jnp.sum(x * y, axis=-1)
-  assert phi(x).shape == (6, feature_dim(K, "poly2"))
-  np.testing.assert_allclose(jnp.sum(phi(x) * phi(y), -1), 1 + dots + dots**2 / 2, rtol=1e-5)
+  phi = lambda z: common.apply_feature_map(z, feature_map)
+  dots = np.sum(np.asarray(x, np.float64) * np.asarray(y, np.float64), axis=-1)
+  assert phi(x).shape == (6, width) and feature_dim(K, feature_map) == width
+  series = sum(dots**i / math.factorial(i) for i in range(degree + 1))
+  np.testing.assert_allclose(jnp.sum(phi(x) * phi(y), -1), series, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_less(0.0, common.apply_feature_map(x, "elu1"))
+
+
+def test_poly_features_approach_the_exponential_kernel():
+  """For |x.y| <= 1/2 the error to ``exp(x.y)`` is within Taylor's remainder bound
+  ``|x.y|^(P+1) e^|x.y| / (P+1)!`` and shrinks with P."""
+  x, y = jax.random.normal(jax.random.key(2), (2, 64, K))
+  unit = lambda z: z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+  x, y = unit(x), 0.5 * unit(y)
+  dots = np.sum(np.asarray(x, np.float64) * np.asarray(y, np.float64), axis=-1)
+  errors = []
+  for degree in (2, 3, 4):
+    phi = lambda z, d=degree: common.apply_feature_map(z, f"poly{d}")
+    err = np.abs(np.asarray(jnp.sum(phi(x) * phi(y), -1), np.float64) - np.exp(dots))
+    bound = np.abs(dots) ** (degree + 1) * np.exp(np.abs(dots)) / math.factorial(degree + 1)
+    np.testing.assert_array_less(err, bound + 1e-6)
+    errors.append(err.max())
+  assert errors[0] > errors[1] > errors[2] and errors[0] > 1e-3, errors
 
 
 def test_gates_reach_the_output():
@@ -215,6 +285,8 @@ def _bad(**changes):
     (dict(memory={"w1": jnp.zeros((H, K, 3))}), "keys"),
     (dict(feature_map="poly2"), r"memory\['w1'\] has shape"),
     (dict(feature_map="cosine"), "unknown feature_map"),
+    (dict(feature_map="poly5"), "unknown feature_map"),
+    (dict(objective="hebbian"), "unknown objective"),
     (dict(optimizer="adam"), "unknown optimizer"),
     (dict(activation="swish"), "unknown activation"),
     (dict(omega_window=0), "omega_window"),

@@ -1,4 +1,5 @@
-"""ATLAS as a configuration of Titans: the Omega rule + poly features + Muon, decode, gradients."""
+"""ATLAS as a configuration of Titans: the Omega rule (with learned gamma) + poly features + Muon,
+the Hebbian DeepTransformer, decode, gradients."""
 
 import dataclasses
 import math
@@ -48,23 +49,26 @@ def _newton_schulz(g, steps=5):
   return x.T if tall else x
 
 
-def _atlas_memory(layer, x, window):
+def _atlas_memory(layer, x, window, gamma=None):
   """ATLAS token by token from the paper: Omega loss over the last ``window`` tokens,
+  sum_s gamma_s ||M(phi(k_s)) - v_s||^2 (``gamma [B,T,H]``, default 1),
   U_t = eta_t U_{t-1} - grad, M_t = (1 - alpha_t) M_{t-1} + theta_t NS(U_t), y_t = M_t(phi(q_t))."""
   q, k, v, theta, eta, alpha, _ = layer.project(x, None)
   q, k = _poly2(q), _poly2(k)
   batch, length, heads = q.shape[:3]
+  gamma = jnp.ones((batch, length, heads)) if gamma is None else gamma
   init = layer.initial_weights()
 
   def mlp(w, inp):
     return jax.nn.silu(inp @ w["w1"]) @ w["w2"]
 
-  def omega_loss(w, ks, vs):
-    return jnp.sum((jax.vmap(lambda kk: mlp(w, kk))(ks) - vs) ** 2)
+  def omega_loss(w, ks, vs, gs):
+    err = jax.vmap(lambda kk: mlp(w, kk))(ks) - vs
+    return jnp.sum(gs * jnp.sum(err**2, axis=-1))
 
   @jax.jit
-  def token(w, u, ks, vs, th, et, al, qt):
-    g = jax.grad(omega_loss)(w, ks, vs)
+  def token(w, u, ks, vs, gs, th, et, al, qt):
+    g = jax.grad(omega_loss)(w, ks, vs, gs)
     u = {n: et * u[n] - g[n] for n in w}
     w = {n: (1.0 - al) * w[n] + th * _newton_schulz(u[n]) for n in w}
     return w, u, mlp(w, qt)
@@ -76,8 +80,9 @@ def _atlas_memory(layer, x, window):
       u = jax.tree.map(jnp.zeros_like, w)
       for t in range(length):
         lo = max(0, t - window + 1)
-        args = (k[b, lo : t + 1, h], v[b, lo : t + 1, h], theta[b, t, h], eta[b, t, h])
-        w, u, out[b, t, h] = token(w, u, *args, alpha[b, t, h], q[b, t, h])
+        win = (k[b, lo : t + 1, h], v[b, lo : t + 1, h], gamma[b, lo : t + 1, h])
+        args = (theta[b, t, h], eta[b, t, h], alpha[b, t, h], q[b, t, h])
+        w, u, out[b, t, h] = token(w, u, *win, *args)
   return layer.output(jnp.asarray(out), x.dtype)
 
 
@@ -88,6 +93,41 @@ def test_omega_muon_poly_layer_equals_the_paper_update():
   got, _ = jax.jit(lambda x: layer(x))(x)
   want = _atlas_memory(layer, x, window=3)
   np.testing.assert_allclose(got, want, atol=TOL["paper_update"], rtol=TOL["paper_update"])
+
+
+def test_learned_omega_weights_equal_the_paper_update():
+  # ATLAS's gamma_t in [0, 1] from the input: a per-head linear map + sigmoid, written here
+  # from the layer's parameters, weighting each token's error in every window it is in.
+  kw = dict(hidden=8, chunk_size=1, conv_size=0, omega_window=3, feature_map="poly2")
+  layer = NeuralMemory(12, 2, 4, **kw, optimizer="muon", learn_omega_weights=True, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (1, 6, 12))
+  gamma = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x, layer.w_omega[...]) + layer.b_omega[...])
+  assert 0.05 < float(gamma.min()) and float(gamma.max()) < 0.999  # weights, not all ~1
+  got, _ = jax.jit(lambda x: layer(x))(x)
+  want = _atlas_memory(layer, x, window=3, gamma=gamma)
+  np.testing.assert_allclose(got, want, atol=TOL["paper_update"], rtol=TOL["paper_update"])
+  # gamma is not ignored: the fixed rule (gamma = 1) gives something else.
+  fixed = _atlas_memory(layer, x, window=3)
+  assert np.abs(np.asarray(got - fixed)).max() > 1e-3
+
+
+def test_learned_omega_weights_decode_equals_forward():
+  kw = dict(hidden=8, chunk_size=2, conv_size=3, omega_window=3, feature_map="poly2")
+  layer = NeuralMemory(12, 2, 4, **kw, learn_omega_weights=True, rngs=nnx.Rngs(2))
+  x = jax.random.normal(jax.random.key(3), (2, 7, 12))
+
+  @jax.jit
+  def run(x):
+    full, _ = layer(x)
+    first, state = layer(x[:, :3], layer.init_state(2))  # a prefix ending mid-chunk
+    outs = [first]
+    for t in range(3, x.shape[1]):
+      y, state = layer(x[:, t : t + 1], state)
+      outs.append(y)
+    return full, jnp.concatenate(outs, axis=1)
+
+  full, dec = run(x)
+  np.testing.assert_allclose(dec, full, atol=TOL["decode"], rtol=TOL["decode"])
 
 
 def test_titans_options_give_the_titans_model():
@@ -114,8 +154,17 @@ def test_titans_options_give_the_titans_model():
   "kw",
   [
     {},  # ATLAS: Omega window 3, poly2, Muon, memory-only stack
+    # The Hebbian DeepTransformer (poly3 features, learned gamma as the write strength).
+    dict(
+      objective="dot",
+      optimizer="momentum",
+      omega_window=1,
+      feature_map="poly3",
+      learn_omega_weights=True,
+    ),
     pytest.param({"optimizer": "momentum", "variant": "mal"}, marks=pytest.mark.slow),
   ],
+  ids=["atlas", "deep_transformer", "omeganet_mal"],
 )
 def test_decode_matches_forward_and_causal(kw):
   model = zoo.build(tiny(**kw), rngs=1)
@@ -145,8 +194,23 @@ def test_decode_matches_forward_and_causal(kw):
 
 
 @pytest.mark.slow
-def test_gradients_finite_and_nonzero():
-  model = zoo.build(tiny(), rngs=4)
+@pytest.mark.parametrize(
+  "kw",
+  [
+    {},
+    dict(
+      objective="dot",
+      optimizer="momentum",
+      omega_window=2,
+      feature_map="poly3",
+      learn_omega_weights=True,
+    ),
+  ],
+  ids=["atlas", "hebbian_learned_gamma"],
+)
+def test_gradients_finite_and_nonzero(kw):
+  # Every parameter, incl. the Omega-weight projection when it is learned, gets a gradient.
+  model = zoo.build(tiny(**kw), rngs=4)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   x = tokens(5, 2, 8)
 
@@ -171,6 +235,10 @@ def test_config_defaults_and_bad_fields():
     tiny(omega_window=0)
   with pytest.raises(ValueError, match="optimizer"):
     tiny(optimizer="adam")
+  with pytest.raises(ValueError, match="objective"):
+    tiny(objective="hebbian")
+  with pytest.raises(ValueError, match="feature_map"):
+    tiny(feature_map="poly5")
   for preset in ("tiny", "small", "base"):
     c = zoo.config("atlas", preset)
     abstract = nnx.eval_shape(lambda c=c: zoo.build(c, rngs=0))

@@ -15,20 +15,30 @@ class AtlasConfig(TitansConfig):
   Every field is a ``TitansConfig`` field (see there); the defaults differ:
   ``omega_window`` 4 (the Omega rule: the inner loss covers the last c tokens),
   ``feature_map`` "poly2" (degree-2 polynomial features of keys and queries, a Taylor
-  approximation of the exponential kernel) and ``optimizer`` "muon" (Newton-Schulz
-  orthogonalised momentum), on the memory-only stack (``variant`` "lmm").
+  approximation of the exponential kernel; "poly3" / "poly4" go further) and ``optimizer``
+  "muon" (Newton-Schulz orthogonalised momentum), on the memory-only stack (``variant``
+  "lmm"). ``learn_omega_weights`` (ATLAS's input-dependent gamma_t) stays False by default so
+  that an Atlas with Titans' options is the Titans model; set it True for the paper's gated
+  Omega rule.
 
-  Named relatives, by override: OmegaNet = ``optimizer="momentum"``; the Deep Omega
-  Transformer (DeepTransformers with the Omega rule) = ``optimizer="momentum",
-  memory_expansion=...`` with ``omega_window`` covering the context it should see and
-  ``feature_map="poly2"`` standing in for softmax's exponential kernel; the hybrids are
-  ``variant="mag"`` / ``"mal"`` / ``"mac"``.
+  Named relatives, by override:
+
+  - OmegaNet = ``optimizer="momentum"``.
+  - DeepTransformer (Hebbian) = ``objective="dot", optimizer="momentum", omega_window=1``
+    with a polynomial ``feature_map`` ("poly2" ... "poly4") standing in for the exponential
+    kernel and ``memory_depth`` 2; with depth 1, theta = 1 and no momentum / decay its memory
+    is unnormalised linear attention over those features (softmax's normaliser is not
+    modelled; exact softmax attention, the kernel's limit, is the ``transformer`` family).
+  - Deep Omega Transformer (DeepTransformers with the Omega rule) = ``objective="l2",
+    optimizer="momentum"`` with ``omega_window`` covering the context it should see and a
+    polynomial ``feature_map``.
+  - The hybrids are ``variant="mag"`` / ``"mal"`` / ``"mac"``.
   """
 
   family: Literal["atlas"] = "atlas"
   variant: Literal["mac", "mag", "mal", "lmm"] = "lmm"
   omega_window: int = 4
-  feature_map: Literal["identity", "poly2", "elu1"] = "poly2"
+  feature_map: Literal["identity", "poly2", "poly3", "poly4", "elu1"] = "poly2"
   optimizer: Literal["momentum", "muon"] = "muon"
 
 

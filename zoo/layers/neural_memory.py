@@ -3,8 +3,9 @@
 ``x [B,T,D] -> [B,T,D]``. Queries, keys and values are projected per head, passed through a
 causal depthwise convolution (Titans Sec. 4.4), queries and keys are L2-normalised, and the
 gates theta (lr), eta (momentum) and alpha (decay) come from the input (data-dependent
-forgetting). ``ops.memory.neural_memory`` trains the per-head memory MLP online and reads it;
-the memory's initial weights are parameters (the outer loop learns them).
+forgetting); optionally so do ATLAS's Omega weights gamma (how much each token counts in the
+windowed inner loss). ``ops.memory.neural_memory`` trains the per-head memory MLP online and
+reads it; the memory's initial weights are parameters (the outer loop learns them).
 
 The same ``__call__`` serves the full forward (``state=None``) and decoding (a state from
 ``init_state``): the op's state carries the chunk grid, so any split of a sequence into calls
@@ -64,8 +65,10 @@ class NeuralMemory(nnx.Module):
     chunk_size: tokens per chunk of the op (gradients at chunk-start weights).
     conv_size: short-convolution width (0 = none).
     lr_max: theta = lr_max * sigmoid(.).
-    omega_window, feature_map, optimizer, ns_steps, activation: ``ops.memory.neural_memory``
-      options (ATLAS).
+    omega_window, feature_map, objective, optimizer, ns_steps, activation:
+      ``ops.memory.neural_memory`` options (ATLAS).
+    learn_omega_weights: gamma_t = sigmoid(x_t W_gamma + b_gamma) per head, the op's
+      ``omega_weights`` (ATLAS's input-dependent Omega weights); False keeps gamma = 1.
     implementation: the op implementation (None = by backend).
     adaptive_kv: generate the keys and values with a second (depth-1) neural memory trained in
       context to map each key to its static projections (Hope's self-modifying Titans: the
@@ -84,9 +87,11 @@ class NeuralMemory(nnx.Module):
     lr_max: float = 0.1,
     omega_window: int = 1,
     feature_map: str = "identity",
+    objective: str = "l2",
     optimizer: str = "momentum",
     ns_steps: int = 5,
     activation: str = "silu",
+    learn_omega_weights: bool = False,
     implementation: str | None = None,
     adaptive_kv: bool = False,
     rngs: nnx.Rngs,
@@ -97,6 +102,7 @@ class NeuralMemory(nnx.Module):
       chunk_size=chunk_size,
       omega_window=omega_window,
       feature_map=feature_map,
+      objective=objective,
       optimizer=optimizer,
       ns_steps=ns_steps,
       activation=activation,
@@ -116,6 +122,13 @@ class NeuralMemory(nnx.Module):
     # Initial gates: theta = lr_max / 2, eta = 0.5, alpha ~ 0.02 (mostly remember).
     bias = jnp.broadcast_to(jnp.array([0.0, 0.0, -4.0])[:, None], (3, n_heads))
     self.b_gates = param(rngs, lambda *_: bias, (3, n_heads), (None, "heads"))
+    self.learn_omega_weights = learn_omega_weights
+    if learn_omega_weights:
+      # Separate parameters (not a fourth row of w_gates) so models without the option keep
+      # their parameter shapes. Bias 2 starts gamma near the fixed rule (sigmoid(2) = 0.88)
+      # while the sigmoid still has slope to learn from.
+      self.w_omega = param(rngs, fan_in([d_model]), (d_model, n_heads), ("embed", "heads"))
+      self.b_omega = param(rngs, lambda *_: jnp.full((n_heads,), 2.0), (n_heads,), ("heads",))
     fdim = nm.feature_dim(head_dim, feature_map)
     dims = [fdim, head_dim] if hidden is None else [fdim, hidden, head_dim]
     names = ("w",) if hidden is None else ("w1", "w2")
@@ -194,6 +207,16 @@ class NeuralMemory(nnx.Module):
     # for inner steps above ~0.05 (its curvature grows with its weights).
     return _l2norm(q), _l2norm(k), _l2norm(v), lr, gates[:, :, 1], gates[:, :, 2], (conv_history)
 
+  def omega_weights(self, x: jax.Array) -> jax.Array | None:
+    """ATLAS's Omega weights ``gamma [B,T,H]`` in [0, 1] float32, or None (gamma = 1).
+
+    Pointwise in time (no convolution), so decoding one token needs no history.
+    """
+    if not self.learn_omega_weights:
+      return None
+    pre = jnp.einsum("btd,dh->bth", x.astype(jnp.float32), self.w_omega[...])
+    return jax.nn.sigmoid(pre + self.b_omega[...])
+
   def output(self, y: jax.Array, dtype) -> jax.Array:
     """Per-head RMS norm of the memory read ``y [B,T,H,V]``, then the output projection."""
     y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + 1e-6) * self.out_scale[...]
@@ -231,15 +254,25 @@ class NeuralMemory(nnx.Module):
       k, v = _l2norm(kv[..., : self.head_dim]), _l2norm(kv[..., self.head_dim :])
     memory = self.initial_weights() if state is None else state["memory"]
     y, new_state["memory"] = self._memory_call(
-      q, k, v, lr, eta, alpha, memory, state is not None, **self.op_kw
+      q,
+      k,
+      v,
+      lr,
+      eta,
+      alpha,
+      memory,
+      state is not None,
+      gamma=self.omega_weights(x),
+      **self.op_kw,
     )
     if conv is None:
       conv = jnp.zeros((x.shape[0], 0, 3, self.n_heads, self.head_dim), jnp.float32)
     new_state["conv"] = conv.astype(jnp.float32)
     return self.output(y, x.dtype), new_state
 
-  def _memory_call(self, q, k, v, lr, eta, alpha, memory, decoding, **op_kw):
-    """The op over ``[B,T,H,.]`` inputs; a single decoded token takes the step function."""
+  def _memory_call(self, q, k, v, lr, eta, alpha, memory, decoding, gamma=None, **op_kw):
+    """The op over ``[B,T,H,.]`` inputs (``gamma [B,T,H]`` or None: the Omega weights); a
+    single decoded token takes the step function."""
     if q.shape[1] == 1 and decoding:
       # Decoding one token: the step function is constant-cost in the context length.
       y, memory = nm.neural_memory_step(
@@ -250,6 +283,7 @@ class NeuralMemory(nnx.Module):
         momentum=eta[:, 0],
         decay=alpha[:, 0],
         memory=memory,
+        omega_weights=None if gamma is None else gamma[:, 0],
         **op_kw,
       )
       return y[:, None], memory
@@ -261,6 +295,7 @@ class NeuralMemory(nnx.Module):
       momentum=eta,
       decay=alpha,
       memory=memory,
+      omega_weights=gamma,
       implementation=self.implementation,
       **op_kw,
     )

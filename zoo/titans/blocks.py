@@ -33,9 +33,11 @@ def build_memory(c: TitansConfig, *, rngs: nnx.Rngs) -> NeuralMemory:
     lr_max=c.memory_lr_max,
     omega_window=c.omega_window,
     feature_map=c.feature_map,
+    objective=c.objective,
     optimizer=c.optimizer,
     ns_steps=c.ns_steps,
     activation=c.activation,
+    learn_omega_weights=c.learn_omega_weights,
     implementation=c.memory_impl,
     rngs=rngs,
   )

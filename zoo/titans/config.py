@@ -6,7 +6,7 @@ from typing import Literal
 
 from zoo.configbase import config_dataclass
 
-_FEATURE_MAPS = ("identity", "poly2", "elu1")
+_FEATURE_MAPS = ("identity", "poly2", "poly3", "poly4", "elu1")
 
 
 @config_dataclass
@@ -34,7 +34,12 @@ class TitansConfig:
     conv_size: short causal convolution width on memory q/k/v (0 = none).
     memory_lr_max: upper bound of the learned inner learning rate theta.
     omega_window: tokens in the inner loss (ATLAS's Omega rule; 1 = Titans).
-    feature_map: key/query feature map of the memory ("identity", "poly2", "elu1").
+    feature_map: key/query feature map of the memory ("identity", "poly2", "poly3", "poly4":
+      degree-P Taylor features of the exponential kernel, "elu1").
+    objective: the memory's inner loss, "l2" (``||M(k) - v||^2``, Titans) or "dot"
+      (``-<M(k), v>``, the Hebbian rule of ATLAS's DeepTransformers).
+    learn_omega_weights: learn ATLAS's input-dependent Omega weights gamma_t in [0, 1] (a
+      per-head projection + sigmoid); False keeps gamma = 1.
     optimizer: inner optimiser, "momentum" (Titans) or "muon" (ATLAS).
     ns_steps: Newton-Schulz iterations of "muon".
     activation: the depth-2 memory's nonlinearity.
@@ -64,7 +69,9 @@ class TitansConfig:
   conv_size: int = 4
   memory_lr_max: float = 0.1
   omega_window: int = 1
-  feature_map: Literal["identity", "poly2", "elu1"] = "identity"
+  feature_map: Literal["identity", "poly2", "poly3", "poly4", "elu1"] = "identity"
+  objective: Literal["l2", "dot"] = "l2"
+  learn_omega_weights: bool = False
   optimizer: Literal["momentum", "muon"] = "momentum"
   ns_steps: int = 5
   activation: Literal["silu", "gelu", "relu", "tanh"] = "silu"

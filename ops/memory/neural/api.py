@@ -1,8 +1,8 @@
 """Public entry points of Titans' neural memory (with ATLAS's options).
 
 The memory ``M`` is a small per-head MLP whose weights are the recurrent state, trained online
-on ``||M(phi(k)) - v||^2`` with data-dependent lr / momentum / decay; the math is in
-``reference.py`` and the README beside this file.
+on ``||M(phi(k)) - v||^2`` (or the Hebbian ``-<M(phi(k)), v>``) with data-dependent
+lr / momentum / decay; the math is in ``reference.py`` and the README beside this file.
 
 ``memory`` (the initial state) is one of:
 
@@ -175,13 +175,20 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _check_config(chunk_size, omega_window, feature_map, optimizer, ns_steps, activation):
+def _check_config(
+  chunk_size, omega_window, feature_map, objective, optimizer, ns_steps, activation
+):
   if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
     raise ValueError(f"chunk_size must be a power of two, got {chunk_size!r}")
   if not isinstance(omega_window, int) or omega_window < 1:
     raise ValueError(f"omega_window must be an int >= 1, got {omega_window!r}")
   if feature_map not in common.FEATURE_MAPS:
     raise ValueError(f"unknown feature_map {feature_map!r}; choose from {common.FEATURE_MAPS}")
+  if objective not in common.OBJECTIVES:
+    raise ValueError(
+      f"unknown objective {objective!r}; choose from {common.OBJECTIVES} "
+      "(l2: ||M(phi(k)) - v||^2, dot: -<M(phi(k)), v>)"
+    )
   if optimizer not in common.OPTIMIZERS:
     raise ValueError(f"unknown optimizer {optimizer!r}; choose from {common.OPTIMIZERS}")
   if not isinstance(ns_steps, int) or ns_steps < 0:
@@ -210,7 +217,15 @@ def _prepare(q, k, v, gates, memory, *, time_axis, config):
   _check_config(
     **{
       n: config[n]
-      for n in ("chunk_size", "omega_window", "feature_map", "optimizer", "ns_steps", "activation")
+      for n in (
+        "chunk_size",
+        "omega_window",
+        "feature_map",
+        "objective",
+        "optimizer",
+        "ns_steps",
+        "activation",
+      )
     }
   )
   if q.ndim != 3 + time_axis or k.shape != q.shape:
@@ -256,6 +271,7 @@ def neural_memory(
   omega_window: int = 1,
   omega_weights: Float[Array, "B T H"] | None = None,
   feature_map: str = "identity",
+  objective: str = "l2",
   optimizer: str = "momentum",
   ns_steps: int = 5,
   activation: str = "silu",
@@ -274,7 +290,11 @@ def neural_memory(
       (1 = fully sequential Titans).
     omega_window: c, tokens in the inner loss (ATLAS's Omega rule; 1 = Titans).
     omega_weights: [B,T,H] per-token weights gamma >= 0 in the Omega loss (default 1).
-    feature_map: "identity", "poly2" or "elu1".
+    feature_map: "identity", "poly2", "poly3", "poly4" (the degree-P Taylor features of
+      ``exp(x.y)``) or "elu1".
+    objective: the inner loss per token, "l2" (``||M(phi(k)) - v||^2``, Titans / ATLAS) or
+      "dot" (``-<M(phi(k)), v>``, the Hebbian rule of ATLAS's DeepTransformers; depth 1 with
+      theta = 1 and no momentum / decay is unnormalised linear attention).
     optimizer: "momentum" (Titans) or "muon" (ATLAS: Newton-Schulz-orthogonalised momentum,
       ``M_t = (1 - alpha_t) M_{t-1} + theta_t NS(U_t)``, ``U_t = eta_t U_{t-1} - grad``).
     ns_steps: Newton-Schulz iterations for "muon".
@@ -282,8 +302,8 @@ def neural_memory(
     residual: read ``x + M(x)`` (needs F == V).
     implementation: "reference", "xla", "pallas_tpu", "pallas_gpu", a sequence of them
       (tried in order), or None (by backend). The Pallas kernels cover the Titans
-      configuration (momentum optimiser, omega_window=1, chunk_size >= 8, a static position)
-      and raise ``NotSupportedError`` otherwise.
+      configuration (l2 objective, momentum optimiser, omega_window=1, chunk_size >= 8, a
+      static position) and raise ``NotSupportedError`` otherwise.
     interpret: run Pallas kernels in interpret mode (None: only on CPU).
 
   Returns:
@@ -298,6 +318,7 @@ def neural_memory(
     chunk_size=chunk_size,
     omega_window=omega_window,
     feature_map=feature_map,
+    objective=objective,
     optimizer=optimizer,
     ns_steps=ns_steps,
     activation=activation,
@@ -318,6 +339,7 @@ def neural_memory(
     chunk_size=chunk_size,
     offset=offset,
     window=omega_window,
+    objective=objective,
     optimizer=optimizer,
     ns_steps=ns_steps,
     activation=activation,
@@ -340,6 +362,7 @@ def neural_memory_step(
   omega_window: int = 1,
   omega_weights: Float[Array, "B H"] | None = None,
   feature_map: str = "identity",
+  objective: str = "l2",
   optimizer: str = "momentum",
   ns_steps: int = 5,
   activation: str = "silu",
@@ -357,6 +380,7 @@ def neural_memory_step(
     chunk_size=chunk_size,
     omega_window=omega_window,
     feature_map=feature_map,
+    objective=objective,
     optimizer=optimizer,
     ns_steps=ns_steps,
     activation=activation,
@@ -369,6 +393,7 @@ def neural_memory_step(
     *inputs,
     chunk_size=chunk_size,
     window=omega_window,
+    objective=objective,
     optimizer=optimizer,
     ns_steps=ns_steps,
     activation=activation,

@@ -8,14 +8,16 @@ the key dim after the feature map (``feature_dim``) and ``Dh`` the hidden size.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
-FEATURE_MAPS = ("identity", "poly2", "elu1")
+FEATURE_MAPS = ("identity", "poly2", "poly3", "poly4", "elu1")
 ACTIVATIONS = {
   "silu": jax.nn.silu,
   "gelu": functools.partial(jax.nn.gelu, approximate=True),
@@ -23,6 +25,7 @@ ACTIVATIONS = {
   "tanh": jnp.tanh,
 }
 OPTIMIZERS = ("momentum", "muon")
+OBJECTIVES = ("l2", "dot")
 DEPTH_KEYS = {1: ("w",), 2: ("w1", "w2")}
 
 # Muon's quintic Newton-Schulz coefficients (Jordan et al. 2024), also used by ATLAS.
@@ -30,19 +33,57 @@ _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 _NS_EPS = 1e-7
 
 
+def _poly_degree(feature_map: str) -> int | None:
+  """P for ``"polyP"``, else None."""
+  if feature_map.startswith("poly") and feature_map in FEATURE_MAPS:
+    return int(feature_map[4:])
+  return None
+
+
 def feature_dim(key_dim: int, feature_map: str) -> int:
-  """Width ``F`` of ``feature_map`` applied to a ``key_dim`` vector."""
-  if feature_map == "poly2":
+  """Width ``F`` of ``feature_map`` applied to a ``key_dim`` vector.
+
+  ``poly2``: ``1 + K + K^2`` (every ordered pair); ``polyP`` for ``P >= 3``: ``C(K + P, P)``
+  (every monomial of degree <= P once); other maps keep ``K``.
+  """
+  degree = _poly_degree(feature_map)
+  if degree == 2:
     return 1 + key_dim + key_dim * key_dim
+  if degree is not None:
+    return math.comb(key_dim + degree, degree)
   return key_dim
+
+
+@functools.cache
+def _monomials(key_dim: int, degree: int) -> tuple[np.ndarray, np.ndarray]:
+  """Index tuples and weights of the unique monomials of degree <= ``degree``.
+
+  Returns:
+    ``(index [F, P] int32, weight [F] float32)``: monomial ``f`` is
+    ``weight[f] * prod_p x1[index[f, p]]`` with ``x1 = [x, 1]`` (index ``K`` pads lower degrees
+    with the constant 1). A degree-``i`` monomial whose index ``j`` repeats ``n_j`` times has
+    ``weight^2 = 1 / prod_j n_j!``, i.e. its multinomial coefficient ``i! / prod_j n_j!``
+    divided by ``i!``, so that summing the products of two feature vectors gives
+    ``sum_i (x.y)^i / i!``.
+  """
+  index, weight = [], []
+  for i in range(degree + 1):
+    for combo in itertools.combinations_with_replacement(range(key_dim), i):
+      counts = np.bincount(np.asarray(combo, np.int64), minlength=1)
+      index.append(list(combo) + [key_dim] * (degree - i))
+      weight.append(1.0 / math.sqrt(math.prod(math.factorial(int(n)) for n in counts)))
+  return np.asarray(index, np.int32).reshape(-1, degree), np.asarray(weight, np.float32)
 
 
 def apply_feature_map(x: jax.Array, feature_map: str) -> jax.Array:
   """Feature map on keys/queries, in float32.
 
-  ``poly2`` is every monomial of degree <= 2, scaled so that
-  ``phi(x) . phi(y) = 1 + x.y + (x.y)^2 / 2`` (ATLAS's polynomial kernel; a degree-2 Taylor
-  expansion of ``exp(x.y)``). ``elu1`` is ``elu(x) + 1`` (linear-attention's positive map).
+  ``polyP`` is the degree-``P`` Taylor feature map of the exponential kernel (ATLAS's
+  polynomial features): ``phi(x) . phi(y) = sum_{i<=P} (x.y)^i / i!``, i.e. ``exp(x.y)``
+  truncated after the degree-``P`` term. ``poly2`` lists every ordered pair ``x_i x_j / sqrt(2)``
+  (``F = 1 + K + K^2``); ``poly3`` and ``poly4`` list each monomial once with the square root of
+  its multinomial weight (``F = C(K + P, P)``, e.g. 165 and 495 for ``K = 8``), since ordered
+  tuples would cost ``K^P``. ``elu1`` is ``elu(x) + 1`` (linear-attention's positive map).
 
   Args:
     x: [..., K].
@@ -59,6 +100,11 @@ def apply_feature_map(x: jax.Array, feature_map: str) -> jax.Array:
     outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], -1)
     ones = jnp.ones((*x.shape[:-1], 1), x.dtype)
     return jnp.concatenate([ones, x, outer / math.sqrt(2.0)], axis=-1)
+  degree = _poly_degree(feature_map)
+  if degree is not None:
+    index, weight = _monomials(x.shape[-1], degree)
+    x1 = jnp.concatenate([x, jnp.ones((*x.shape[:-1], 1), x.dtype)], axis=-1)
+    return jnp.prod(x1[..., index], axis=-1) * weight  # [..., F, P] -> [..., F]
   raise ValueError(f"unknown feature_map {feature_map!r}; choose from {FEATURE_MAPS}")
 
 

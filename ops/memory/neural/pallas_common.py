@@ -1,8 +1,9 @@
 """Host side of the Pallas neural memory, shared by ``pallas_tpu`` and ``pallas_gpu``.
 
-Scope: the Titans configuration. Momentum optimiser, Omega window 1 (per-token weights
-``omega_weights`` included), depth 1 and depth 2 memories with any activation and the residual
-read, a chunk grid whose offset is static (any ``position % chunk_size`` known at trace time).
+Scope: the Titans configuration. The l2 objective, momentum optimiser, Omega window 1
+(per-token weights ``omega_weights`` included), depth 1 and depth 2 memories with any
+activation and the residual read, a chunk grid whose offset is static (any
+``position % chunk_size`` known at trace time).
 Everything else raises ``NotSupportedError`` so a sequence of implementations falls back.
 
 Forward: inputs go head-major ``[B,H,T,*]`` on the chunk grid (the ``o = position % C`` slots
@@ -63,6 +64,7 @@ class Config:
     """The keyword arguments of ``xla._chunk`` for this configuration."""
     return dict(
       window=1,
+      objective="l2",
       optimizer="momentum",
       ns_steps=0,
       activation=self.activation,
@@ -240,7 +242,10 @@ def _neural_memory_bwd(cfg, res, cotangents):
 _neural_memory.defvjp(_neural_memory_fwd, _neural_memory_bwd)
 
 
-def _check_supported(platform, chunk, offset, window, optimizer, fdim, vdim, hidden):
+def _check_supported(platform, chunk, offset, window, objective, optimizer, fdim, vdim, hidden):
+  if objective != "l2":
+    # The kernel forms the l2 error 2 (M0(k) - v) in-kernel; "dot" would need another body.
+    raise NotSupportedError(f"the Pallas kernel covers objective='l2', not {objective!r}")
   if optimizer != "momentum":
     raise NotSupportedError(f"the Pallas kernel covers optimizer='momentum', not {optimizer!r}")
   if window != 1:
@@ -268,6 +273,7 @@ def neural_memory_pallas(
   chunk_size,
   offset=None,
   window=1,
+  objective="l2",
   optimizer="momentum",
   ns_steps=5,
   activation="silu",
@@ -284,7 +290,7 @@ def neural_memory_pallas(
     state: the state dict at the first token (``api._as_state``).
     chunk_size: C (a power of two >= 8).
     offset: static ``position % chunk_size``; None (traced) is not supported.
-    window, optimizer: must be 1 and "momentum".
+    window, objective, optimizer: must be 1, "l2" and "momentum".
     ns_steps: unused (Muon only).
     activation, residual: the memory MLP's options.
     interpret: run the kernel in the Pallas interpreter (CPU testing).
@@ -302,7 +308,7 @@ def neural_memory_pallas(
   weights = state["weights"]
   hidden = weights["w1"].shape[-1] if "w1" in weights else None
   F, V = q.shape[-1], v.shape[-1]
-  _check_supported(platform, chunk_size, offset, window, optimizer, F, V, hidden)
+  _check_supported(platform, chunk_size, offset, window, objective, optimizer, F, V, hidden)
   cfg = Config(
     platform=platform,
     chunk=chunk_size,

@@ -2,7 +2,9 @@
 
 For chunks of ``chunk_size`` tokens, with ``M0`` the weights at the chunk start and, for every
 token ``t``, the Omega-rule inner loss over the last ``c`` tokens (ATLAS; ``c = 1`` is Titans)
-``l_t(M) = sum_{s=t-c+1..t} gamma_s ||M(phi(k_s)) - v_s||^2``:
+``l_t(M) = sum_{s=t-c+1..t} gamma_s L(M(phi(k_s)), v_s)`` with the objective
+``L(y, v) = ||y - v||^2`` ("l2", Titans / ATLAS) or ``L(y, v) = -<y, v>`` ("dot", the Hebbian
+rule of ATLAS's DeepTransformers):
 
   momentum: ``U_t = eta_t U_{t-1} - theta_t grad l_t(M0)``,
             ``M_t = (1 - alpha_t) M_{t-1} + U_t``
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 from ops.memory.neural import common
 
 
-def _head_step(carry, token, *, window, optimizer, ns_steps, activation, residual):
+def _head_step(carry, token, *, window, objective, optimizer, ns_steps, activation, residual):
   """One token for one (batch, head); see the module docstring for the math."""
   weights, momentum, chunk_start, win_k, win_v, win_g, at_start, at_end = carry
   q, k, v, theta, eta, alpha, gamma = token
@@ -30,7 +32,10 @@ def _head_step(carry, token, *, window, optimizer, ns_steps, activation, residua
   gammas = jnp.concatenate([win_g, gamma[None]], axis=0)  # [c]
 
   def inner_loss(m):
-    err = common.mlp_apply(jax.tree.map(lambda w: w[None], m), keys, activation, residual) - values
+    pred = common.mlp_apply(jax.tree.map(lambda w: w[None], m), keys, activation, residual)
+    if objective == "dot":
+      return -jnp.sum(gammas * jnp.sum(pred * values, axis=-1))
+    err = pred - values
     return jnp.sum(gammas * jnp.sum(err * err, axis=-1))
 
   grad = jax.grad(inner_loss)(m0)
@@ -61,7 +66,7 @@ def step(state, q, k, v, theta, eta, alpha, gamma, *, chunk_size, **config):
     v: [B,H,V] float32.
     theta, eta, alpha, gamma: [B,H] float32 (lr, momentum, decay, Omega weight).
     chunk_size: tokens per chunk (gradients are taken at the chunk-start weights).
-    **config: window, optimizer, ns_steps, activation, residual.
+    **config: window, objective, optimizer, ns_steps, activation, residual.
 
   Returns:
     ``(y [B,H,V] float32, new_state)``.
@@ -108,8 +113,8 @@ def neural_memory_reference(q, k, v, theta, eta, alpha, gamma, state, *, chunk_s
     theta, eta, alpha, gamma: [B,T,H] float32.
     state: the state dict at the first token.
     chunk_size: tokens per chunk.
-    **config: window, optimizer, ns_steps, activation, residual (``offset`` is ignored: the
-      state's position already says where the chunk boundaries are).
+    **config: window, objective, optimizer, ns_steps, activation, residual (``offset`` is
+      ignored: the state's position already says where the chunk boundaries are).
 
   Returns:
     ``(y [B,T,H,V] float32, final_state)``.

@@ -32,25 +32,34 @@ def _segment_products(x: jax.Array) -> jax.Array:
   return jnp.where(idx[:, None] >= idx[None, :], prods, 0.0)
 
 
-def _gradient_factors(m0, keys, values, activation, residual):
+def _gradient_factors(m0, keys, values, activation, residual, objective):
   """Per-token inner-loss gradients at ``m0`` as rank-1 factors.
 
   Args:
     m0: weights ``[B,H,...]``.
     keys: [B,H,X,F]; values: [B,H,X,V].
+    objective: "l2" (``||m0(k_s) - v_s||^2``) or "dot" (``-<m0(k_s), v_s>``).
 
   Returns:
-    ``{name: (left [B,H,X,m], right [B,H,X,n])}`` with
-    ``grad_name ||m0(k_s) - v_s||^2 = left_s (x) right_s``.
+    ``{name: (left [B,H,X,m], right [B,H,X,n])}`` with ``grad_name L(m0(k_s), v_s) =
+    left_s (x) right_s``. The output error ``e_s = dL/dy`` is ``2 (m0(k_s) - v_s)`` for "l2"
+    and ``-v_s`` for "dot", where it does not depend on ``m0`` (nor does a depth-1 gradient).
   """
+
+  def output_error(pred):
+    if objective == "dot":
+      return -values
+    return 2.0 * (pred + keys - values if residual else pred - values)
+
   if common.memory_depth(m0) == 1:
+    if objective == "dot":
+      return {"w": (keys, -values)}
     pred = jnp.einsum("bhxf,bhfv->bhxv", keys, m0["w"], precision=HIGHEST)
-    err = 2.0 * (pred + keys - values if residual else pred - values)
-    return {"w": (keys, err)}
+    return {"w": (keys, output_error(pred))}
   h = jnp.einsum("bhxf,bhfd->bhxd", keys, m0["w1"], precision=HIGHEST)
   z, act_vjp = jax.vjp(common.ACTIVATIONS[activation], h)
   pred = jnp.einsum("bhxd,bhdv->bhxv", z, m0["w2"], precision=HIGHEST)
-  err = 2.0 * (pred + keys - values if residual else pred - values)
+  err = output_error(pred)
   (delta,) = act_vjp(jnp.einsum("bhxv,bhdv->bhxd", err, m0["w2"], precision=HIGHEST))
   return {"w1": (keys, delta), "w2": (z, err)}
 
@@ -78,7 +87,7 @@ def _outer_sum(coef, left, right):
   return jnp.einsum("bh...x,bhxm,bhxn->bh...mn", coef, left, right, precision=HIGHEST)
 
 
-def _chunk(carry, chunk, *, window, optimizer, ns_steps, activation, residual):
+def _chunk(carry, chunk, *, window, objective, optimizer, ns_steps, activation, residual):
   """One chunk: ``carry = (M, U, M0)`` -> next carry and the outputs ``[B,H,C,V]``."""
   weights, momentum, m0 = carry
   q, theta, eta, keep, valid, keys, values, gammas = chunk
@@ -87,7 +96,7 @@ def _chunk(carry, chunk, *, window, optimizer, ns_steps, activation, residual):
   lag = np.arange(size)[:, None] + window - 1 - np.arange(size + window - 1)[None, :]
   # Padding slots (valid = 0) neither take a gradient step nor add the momentum to the weights.
   omega = valid[..., :, None] * gammas[..., None, :] * ((lag >= 0) & (lag < window))  # [B,H,C,X]
-  factors = _gradient_factors(m0, keys, values, activation, residual)
+  factors = _gradient_factors(m0, keys, values, activation, residual, objective)
   eta_seg, eta_cum = _segment_products(eta), jnp.cumprod(eta, axis=-1)
   keep_seg = _segment_products(keep) * valid[..., None, :]
   keep_cum = jnp.cumprod(keep, axis=-1)
@@ -153,7 +162,7 @@ def neural_memory_xla(
     state: the state dict at the first token.
     chunk_size: tokens per chunk C.
     offset: static ``position % chunk_size`` or None.
-    **config: window, optimizer, ns_steps, activation, residual.
+    **config: window, objective, optimizer, ns_steps, activation, residual.
 
   Returns:
     ``(y [B,T,H,V] float32, final_state)``.
