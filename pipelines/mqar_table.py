@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flax import nnx
 
 import zoo
@@ -30,14 +31,18 @@ class Variant:
 
 
 # Two state sizes per model, from the tiny presets (d_model 64). "linear attention" is BASED
-# without its sliding-window layer: Taylor linear attention alone.
+# without its sliding-window layer: Taylor linear attention alone, at three feature sizes so
+# that one of them brackets each BASED state from below and above. The transformer appears
+# twice: the Llama layout, and with Primer's q/k/v convolutions (``conv_width=3``), the same
+# local mixing every recurrent model here has in front of its memory.
+TRANSFORMER = {"d_model": 64, "n_heads": 4, "n_kv_heads": 4, "d_ff": 128}
 VARIANTS = (
-  Variant(
-    "transformer", "transformer", {"d_model": 64, "n_heads": 4, "n_kv_heads": 4, "d_ff": 128}
-  ),
+  Variant("transformer", "transformer", TRANSFORMER),
+  Variant("transformer", "transformer", {**TRANSFORMER, "conv_width": 3}),
   Variant("based", "based", {"feature_dim": 4}),
   Variant("based", "based", {"feature_dim": 8}),
   Variant("linear attention", "based", {"feature_dim": 4, "attention_layers": ()}),
+  Variant("linear attention", "based", {"feature_dim": 5, "attention_layers": ()}),
   Variant("linear attention", "based", {"feature_dim": 8, "attention_layers": ()}),
   Variant("deltanet", "deltanet", {"n_heads": 4}),
   Variant("deltanet", "deltanet", {"n_heads": 2}),
@@ -52,7 +57,9 @@ VARIANTS = (
 )
 
 DEFAULT_BUDGET = Budget(steps=500, batch_size=32, lr=3e-3, eval_examples=256)
-DEFAULT_TASK = {"length": 32, "num_pairs": 4, "token_range": (0, 32)}
+# Keys from 64 ids and 8 pairs: enough that a small recurrent state has to compress (at 16 key
+# ids and 4 pairs every linear model here saturates and the state-size ordering vanishes).
+DEFAULT_TASK = {"length": 64, "num_pairs": 8, "token_range": (0, 128)}
 
 
 def state_size(cfg: Any) -> int | None:
@@ -68,22 +75,25 @@ def mqar_table(
   length: int = DEFAULT_TASK["length"],
   num_pairs: int = DEFAULT_TASK["num_pairs"],
   token_range: tuple[int, int] = DEFAULT_TASK["token_range"],
+  power_a: float | None = None,
   families: tuple[str, ...] | None = None,
-  seed: int = 0,
+  seeds: tuple[int, ...] = (0,),
   progress: bool = False,
 ) -> list[dict[str, Any]]:
-  """Trains every variant (optionally only the rows labelled one of ``families``) and scores it.
+  """Trains every variant (optionally only the rows labelled one of ``families``) once per seed
+  (initialisation, data order and the task's examples all follow it) and scores it.
 
-  Returns one dict per variant: label, family, overrides, state, params, accuracy, chance,
-  seconds.
+  Returns one dict per variant and seed: label, family, overrides, seed, state, params,
+  accuracy, chance, seconds.
   """
-  kw = {"length": length, "num_pairs": num_pairs, "token_range": token_range}
-  train = MQAR(seed=seed, **kw)
-  held_out = MQAR(seed=seed + 1, num_examples=max(budget.eval_examples, 1), **kw)
+  kw = {"length": length, "num_pairs": num_pairs, "token_range": token_range, "power_a": power_a}
   rows = []
-  for v in VARIANTS:
+  for v, seed in ((v, seed) for seed in seeds for v in VARIANTS):
     if families and v.label not in families:
       continue
+    # The held-out seed is offset far past any training seed: never the same examples.
+    train = MQAR(seed=seed, **kw)
+    held_out = MQAR(seed=seed + 10_000, num_examples=max(budget.eval_examples, 1), **kw)
     overrides = dict(v.overrides)
     if v.family != "transformer":
       # One chunk per sequence when the sequence is short: no padded work.
@@ -96,6 +106,7 @@ def mqar_table(
         "label": v.label,
         "family": v.family,
         "overrides": v.overrides,
+        "seed": seed,
         "state": state_size(cfg),
         "params": count_params(cfg),
         "accuracy": result["accuracy"],
@@ -105,26 +116,38 @@ def mqar_table(
     )
     if progress:
       r = rows[-1]
-      print(f"{v.label} {v.overrides}: acc {r['accuracy']:.3f} ({r['seconds']:.0f} s)", flush=True)
+      msg = f"{v.label} {v.overrides} seed {seed}: acc {r['accuracy']:.3f} ({r['seconds']:.0f} s)"
+      print(msg, flush=True)
   return rows
 
 
 def to_markdown(rows: list[dict[str, Any]], *, caption: str = "") -> str:
-  """A Markdown table, one row per variant, sorted by model then state size."""
+  """A Markdown table, one line per variant (seeds averaged: mean, then min-max and the count),
+  sorted by model then state size."""
+  groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+  for r in rows:
+    variant = (r["label"], json.dumps(r["overrides"], sort_keys=True), r["state"] or 0)
+    groups.setdefault(variant, []).append(r)
   lines = [caption, ""] if caption else []
   lines += [
     "| model | variant | state (floats / sequence) | params | MQAR accuracy | train s |",
     "|---|---|---:|---:|---:|---:|",
   ]
-  key = lambda r: (r["label"] != "transformer", r["label"], r["state"] or 0)
-  for r in sorted(rows, key=key):
+  order = lambda k: (k[0] != "transformer", k[0], k[2], len(k[1]), k[1])
+  for k in sorted(groups, key=order):
+    group = groups[k]
+    first = group[0]
     # JSON turns tuples into lists; print them as the config field (a tuple) reads.
     fmt = lambda v: tuple(v) if isinstance(v, list) else v
-    variant = ", ".join(f"{k}={fmt(v)}" for k, v in r["overrides"].items()) or "tiny"
-    state = "KV cache (grows with T)" if r["state"] is None else f"{r['state']:,}"
+    name = ", ".join(f"{k}={fmt(v)}" for k, v in first["overrides"].items()) or "tiny"
+    state = "KV cache (grows with T)" if first["state"] is None else f"{first['state']:,}"
+    accs = [r["accuracy"] for r in group]
+    acc = f"{np.mean(accs):.3f}"
+    if len(accs) > 1:
+      acc += f" ({min(accs):.2f}-{max(accs):.2f}, {len(accs)} seeds)"
+    seconds = np.mean([r["seconds"] for r in group])
     lines.append(
-      f"| {r['label']} | {variant} | {state} | {r['params']:,} | {r['accuracy']:.3f} | "
-      f"{r['seconds']:.0f} |"
+      f"| {first['label']} | {name} | {state} | {first['params']:,} | {acc} | {seconds:.0f} |"
     )
   if rows:
     lines += ["", f"Chance: {rows[0]['chance']:.3f}."]
@@ -154,6 +177,10 @@ def main(argv: list[str] | None = None) -> str:
   p.add_argument(
     "--token-range", type=int, default=t["token_range"][1], help="keys and values use ids [0, N)"
   )
+  p.add_argument(
+    "--power-a", type=float, default=None, help="Zoology's power-law query placement (a)"
+  )
+  p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
   p.add_argument("--families", nargs="*", default=None, help="only rows with these labels")
   p.add_argument("--out", type=Path, default=None, help="write the table here too")
   p.add_argument("--rows", type=Path, default=None, help="write the rows as JSON here too")
@@ -169,6 +196,8 @@ def main(argv: list[str] | None = None) -> str:
     f"MQAR, length {a.length}, {a.pairs} pairs, ids [0, {a.token_range}); "
     f"{a.steps} steps x batch {a.batch_size}, lr {a.lr}; {a.eval_examples} held-out examples."
   )
+  if a.power_a is not None:
+    caption += f" Query slots ~ i^({a.power_a} - 1) (Zoology's placement)."
   if a.merge:
     rows = load_rows(a.merge)
   else:
@@ -178,6 +207,8 @@ def main(argv: list[str] | None = None) -> str:
       length=a.length,
       num_pairs=a.pairs,
       token_range=(0, a.token_range),
+      power_a=a.power_a,
+      seeds=tuple(a.seeds),
       families=tuple(a.families) if a.families else None,
       progress=True,
     )

@@ -15,6 +15,12 @@ class MQAR(TaskSource):
   upper half (uniform, so repeats are allowed). Every queried value is one answer span. Queries
   sit at random positions after the pairs; the slots between them hold ``gap_token``.
 
+  Query placement: uniform over the query region (``power_a=None``), or Zoology's MQAR
+  generator (used by the BASED paper): the region is cut into 2-token slots and the queried slots
+  are drawn without replacement with ``p(slot i) ~ i^(a-1)``, ``i = 1, 2, ...``, so a small ``a``
+  (Zoology's default is 0.01) puts most queries soon after the pairs, where a sliding window
+  still sees them, and a few far away.
+
   Metadata: ``query_pos`` int32 ``[Q]`` (the asked key in ``inputs``; its value is the target at
   the same index) and ``pair_pos`` int32 ``[Q]`` (where that key was bound).
 
@@ -23,6 +29,7 @@ class MQAR(TaskSource):
     num_pairs: ``N`` key-value pairs (the difficulty, with the length).
     num_queries: ``Q <= N`` distinct keys asked; defaults to ``N``.
     token_range: ``[lo, hi)`` ids used for keys and values.
+    power_a: Zoology's power-law exponent for the query slots (None = uniform positions).
     gap_token: filler between the queries, outside ``token_range``.
     seed, num_examples: see ``TaskSource``.
   """
@@ -37,6 +44,7 @@ class MQAR(TaskSource):
     num_queries: int | None = None,
     token_range: tuple[int, int] = (0, 256),
     gap_token: int = SEP,
+    power_a: float | None = None,
     seed: int = 0,
     num_examples: int = 10_000,
   ):
@@ -53,6 +61,9 @@ class MQAR(TaskSource):
     need = 2 * (self.num_pairs + self.num_queries)
     if need > self.length:
       raise ValueError(f"mqar: length must be >= {need}, got {self.length}")
+    if power_a is not None and not 0 < power_a <= 1:
+      raise ValueError(f"mqar: power_a must lie in (0, 1] (1 = uniform slots), got {power_a}")
+    self.power_a = power_a
 
   @property
   def chance(self) -> float:
@@ -64,8 +75,13 @@ class MQAR(TaskSource):
     values = rng.integers(self.mid, self.hi, n)
     asked = rng.choice(n, q, replace=False)
     region = self.length - 2 * n
-    # Q blocks of 2 in `region` slots: sorted draws from region - Q, shifted by their rank.
-    starts = np.sort(rng.choice(region - q, q, replace=False)) + np.arange(q)
+    if self.power_a is None:
+      # Q blocks of 2 in `region` slots: sorted draws from region - Q, shifted by their rank.
+      starts = np.sort(rng.choice(region - q, q, replace=False)) + np.arange(q)
+    else:
+      slots = region // 2
+      p = np.arange(1, slots + 1, dtype=np.float64) ** (self.power_a - 1.0)
+      starts = 2 * np.sort(rng.choice(slots, q, replace=False, p=p / p.sum()))
     b = Builder()
     b.add(np.stack([keys, values], 1))
     base = b.pos

@@ -213,8 +213,11 @@ def test_needle_answers_at_stated_positions(variant):
     assert ex["needle_pos"] in ex["span_needle_pos"]
 
 
-def test_mqar_answers_at_stated_positions():
-  src = tasks.get("mqar", length=80, num_pairs=10, num_queries=4, token_range=(10, 50))
+@pytest.mark.parametrize("power_a", [None, 0.01])
+def test_mqar_answers_at_stated_positions(power_a):
+  src = tasks.get(
+    "mqar", length=80, num_pairs=10, num_queries=4, token_range=(10, 50), power_a=power_a
+  )
   for i in range(5):
     ex = src[i]
     keys = ex["inputs"][1:21:2]
@@ -226,6 +229,21 @@ def test_mqar_answers_at_stated_positions():
     assert np.all((ex["targets"][q] >= 30) & (ex["targets"][q] < 50))
     others = np.setdiff1d(np.arange(21, 80), np.concatenate([q, q + 1]))
     np.testing.assert_array_equal(ex["inputs"][others], SEP)
+
+
+def test_mqar_power_law_puts_queries_near_the_pairs():
+  """Zoology's placement: slot i (1-based) is drawn with weight i^(a-1), so with a = 0.01 the
+  first slot after the pairs holds a query far more often than under uniform placement."""
+  kw = dict(length=84, num_pairs=10, num_queries=2, num_examples=2000)
+  first = {}
+  for a in (None, 0.01):
+    src = tasks.get("mqar", power_a=a, **kw)
+    base = 1 + 2 * 10  # BOS, then the pairs
+    first[a] = np.mean([base in src[i]["query_pos"] for i in range(2000)])
+  # Uniform: P(a given start is used) ~ Q / (region - Q + 1) = 2/63. Power law, 31 slots, two
+  # draws without replacement: the first slot's weight alone is 1 / sum_i i^-0.99 ~ 0.24.
+  assert first[None] < 0.06
+  assert first[0.01] > 0.3
 
 
 @pytest.mark.parametrize("order", ["small_first", "large_first"])
@@ -389,6 +407,7 @@ def test_evaluate_counts_partial_batches_once():
     ("needle", dict(length=500, corpus=np.zeros((2, 3), np.int32))),
     ("mqar", dict(length=20, num_pairs=8)),
     ("mqar", dict(length=100, num_pairs=4, gap_token=10)),
+    ("mqar", dict(length=100, num_pairs=4, power_a=0.0)),
     ("set_disjointness", dict(length=100, order="sideways")),
     ("sequence_order", dict(length=60, corpus=CORPUS)),
     ("fact_chain", dict(length=100, hops=2)),

@@ -250,10 +250,12 @@ def test_router_picks_top_k_and_renormalises():
   assert np.all(np.take_along_axis(np.asarray(weights), best[..., None], -1) > 0)
 
 
-def test_window_attention_shift_buffer_matches_masked_attention():
+@pytest.mark.parametrize("window, conv", [(3, 0), (3, 3), (None, 3)])
+def test_window_attention_shift_buffer_matches_masked_attention(window, conv):
   # The decode path keeps only `window` keys; it must equal the op's sliding-window mask,
-  # also when one chunk is longer than the window.
-  mixer = AttentionMixer(16, 2, 8, window=3, rngs=nnx.Rngs(5))
+  # also when one chunk is longer than the window. With q/k/v convolutions their buffers carry
+  # across chunks too.
+  mixer = AttentionMixer(16, 2, 8, window=window, conv_width=conv, rngs=nnx.Rngs(5))
   x = jax.random.normal(jax.random.key(6), (2, 10, 16))
 
   @nnx.jit
@@ -271,7 +273,8 @@ def test_window_attention_shift_buffer_matches_masked_attention():
 
   full, stepped, state = run(mixer, x)
   np.testing.assert_allclose(stepped, full, atol=TOL["decode"])
-  assert state["k"].shape[1] == 3
+  assert state["k"].shape[1] == (window or 10)
+  assert ("conv" in state) == bool(conv)
 
 
 def test_mqar_table_markdown_orders_rows():
@@ -288,6 +291,13 @@ def test_mqar_table_markdown_orders_rows():
   assert lines[2].startswith("| transformer |") and "KV cache" in lines[2]
   assert "| 100 |" in lines[3] and "| 200 |" in lines[4]
   assert lines[-1] == "Chance: 0.062."
+  # Seeds of one variant become one line: their mean, range and count.
+  seeds = [
+    {**row, "label": "based", "state": 100, "accuracy": a, "seed": i}
+    for i, a in enumerate((0.2, 0.6))
+  ]
+  lines = to_markdown(seeds).splitlines()
+  assert len(lines) == 5 and "| 0.400 (0.20-0.60, 2 seeds) |" in lines[2]
 
 
 def test_mqar_table_merges_rows_of_separate_runs(tmp_path):

@@ -111,7 +111,7 @@ def test_primer_convolution_follows_its_definition():
   attn = model.blocks[0].attn
   x = jax.random.normal(jax.random.key(8), (2, 11, 64))
   pos = jnp.broadcast_to(jnp.arange(11), (2, 11))
-  q, k, v, _ = attn._convolved_qkv(x, pos, 11)
+  q, k, v, _ = attn.convolved_qkv(x, pos, 11)
   raw = dict(zip("qkv", attn._linear(x)))
   for name, got in (("q", q), ("k", k), ("v", v)):
     w = np.asarray(attn.conv[name].weight[...])  # [width, heads, Dh]

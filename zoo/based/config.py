@@ -22,7 +22,9 @@ class BasedConfig:
     head_dim: per-head value width V (and attention head width); default ``d_model // n_heads``.
     d_ff: SwiGLU hidden width (0 = no MLP).
     max_len: longest sequence (full-attention decode cache size default).
-    conv_width: short convolution on q, k, v of the linear-attention layers (0 = none).
+    conv_width: short convolution on q, k, v of every layer, linear and sliding-window
+      attention alike (0 = none); it plays the role of the paper's BaseConv, which precedes
+      every sequence mixer in BASED's recall experiments.
     attention_layers: indices of the layers that are softmax attention instead.
     window: sliding window of those attention layers (None = full causal attention).
     norm_eps: RMSNorm epsilon.

@@ -24,6 +24,7 @@ class Based(RecurrentLM):
             c.resolved_head_dim,
             window=c.window,
             implementation=c.attention_impl,
+            conv_width=c.conv_width,
             rngs=rngs,
           )
         )

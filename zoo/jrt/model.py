@@ -29,6 +29,7 @@ class JRT(RecurrentLM):
           c.resolved_head_dim,
           window=c.window,
           implementation=c.attention_impl,
+          conv_width=c.conv_width,
           rngs=rngs,
         )
       else:

@@ -103,7 +103,7 @@ class Attention(nnx.Module):
     q, k, v = self.project(x)
     return self.rotate(q, positions, seq_len), self.rotate(k, positions, seq_len), v
 
-  def _convolved_qkv(self, x, positions, seq_len, *, segment_ids=None, conv_state=None):
+  def convolved_qkv(self, x, positions, seq_len, *, segment_ids=None, conv_state=None):
     """``project_qkv`` with the Primer convolutions (if any) applied before RoPE.
 
     ``conv_state`` (decode) is ``{"q", "k", "v": [B, conv_width-1, heads, Dh]}``; returns
@@ -130,7 +130,7 @@ class Attention(nnx.Module):
     self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None
   ) -> jax.Array:
     """Full-sequence attention. ``positions [B,T]`` int32, ``segment_ids [B,T]`` or None."""
-    q, k, v, _ = self._convolved_qkv(x, positions, x.shape[1], segment_ids=segment_ids)
+    q, k, v, _ = self.convolved_qkv(x, positions, x.shape[1], segment_ids=segment_ids)
     seg = None if segment_ids is None else (segment_ids, segment_ids)
     # Under a context mesh this is ring attention (zoo.layers.parallel); else the plain kernel.
     o = parallel.attention(
@@ -157,7 +157,7 @@ class Attention(nnx.Module):
     t = x.shape[1]
     max_len = cache["k"].shape[1]
     positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    q, k, v, conv = self._convolved_qkv(x, positions, max_len, conv_state=cache.get("conv"))
+    q, k, v, conv = self.convolved_qkv(x, positions, max_len, conv_state=cache.get("conv"))
     write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
     new = {
       "k": write(cache["k"], k.astype(cache["k"].dtype), lengths),

@@ -50,7 +50,11 @@ def check_common(cfg: Any) -> None:
 
 class AttentionMixer(nnx.Module):
   """Softmax attention as a mixer: full causal (KV cache of ``max_len``) or a sliding window
-  (a shift buffer of the last ``window`` keys, so decoding cost stays constant)."""
+  (a shift buffer of the last ``window`` keys, so decoding cost stays constant).
+
+  ``conv_width > 0``: short causal convolutions on q, k, v (``zoo.layers.attention``), the
+  same local mixing the recurrent mixers have; their buffers join the decode state.
+  """
 
   def __init__(
     self,
@@ -60,6 +64,7 @@ class AttentionMixer(nnx.Module):
     *,
     window: int | None = None,
     implementation: str | None = None,
+    conv_width: int = 0,
     rngs: nnx.Rngs,
   ):
     self.window = window
@@ -70,6 +75,7 @@ class AttentionMixer(nnx.Module):
       head_dim,
       mask=Mask(causal=True, window=window),
       implementation=implementation,
+      conv_width=conv_width,
       rngs=rngs,
     )
 
@@ -77,7 +83,7 @@ class AttentionMixer(nnx.Module):
     """``prefix_len``: the first tokens see each other bidirectionally (JRT-RNN prefix-LM)."""
     if not prefix_len:
       return self.attn(x, positions, segment_ids), {}
-    q, k, v = self.attn.project_qkv(x, positions, x.shape[1])
+    q, k, v, _ = self.attn.convolved_qkv(x, positions, x.shape[1], segment_ids=segment_ids)
     seg = None if segment_ids is None else (segment_ids, segment_ids)
     mask = Mask(causal=True, window=self.window, prefix=int(prefix_len))
     o = attn_ops.dot_product_attention(
@@ -94,11 +100,14 @@ class AttentionMixer(nnx.Module):
     if self.window is None:
       return self.attn.init_cache(batch, max_len, dtype)
     shape = (batch, self.window, self.attn.n_kv_heads, self.attn.head_dim)
-    return {
+    state = {
       "k": jnp.zeros(shape, dtype),
       "v": jnp.zeros(shape, dtype),
       "pos": jnp.full((batch, self.window), -1, jnp.int32),  # -1: empty slot
     }
+    if self.attn.conv is not None:
+      state["conv"] = {n: c.init_state(batch, dtype) for n, c in self.attn.conv.items()}
+    return state
 
   def step(self, x, state, *, lengths, prefix=False, **_):
     """``prefix=True``: this chunk is the whole prompt (fresh state), read bidirectionally."""
@@ -108,7 +117,7 @@ class AttentionMixer(nnx.Module):
         return self.attn.step(x, state, lengths)
       return self._full_prefix_step(x, state, lengths)
     positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    q, k, v = self.attn.project_qkv(x, positions, x.shape[1])
+    q, k, v, conv = self.attn.convolved_qkv(x, positions, x.shape[1], conv_state=state.get("conv"))
     keys = jnp.concatenate([state["k"], k.astype(state["k"].dtype)], axis=1)
     vals = jnp.concatenate([state["v"], v.astype(state["v"].dtype)], axis=1)
     kpos = jnp.concatenate([state["pos"], positions], axis=1)
@@ -123,22 +132,28 @@ class AttentionMixer(nnx.Module):
     s = jnp.where(visible[:, None, None], s, -jnp.inf)
     o = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(s, axis=-1), vals.astype(jnp.float32))
     new = {"k": keys[:, -w:], "v": vals[:, -w:], "pos": kpos[:, -w:]}
+    if conv is not None:
+      new["conv"] = conv
     return self.attn.out(o.reshape(b, t, h, d).astype(x.dtype)), new
 
   def _full_prefix_step(self, x, cache, lengths):
     # Attention.step with a prefix mask: the chunk's own keys are all visible to it.
     t = x.shape[1]
     positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    q, k, v = self.attn.project_qkv(x, positions, cache["k"].shape[1])
+    q, k, v, conv = self.attn.convolved_qkv(
+      x, positions, cache["k"].shape[1], conv_state=cache.get("conv")
+    )
     write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
-    cache = {
+    new = {
       "k": write(cache["k"], k.astype(cache["k"].dtype), lengths),
       "v": write(cache["v"], v.astype(cache["v"].dtype), lengths),
     }
+    if conv is not None:
+      new["conv"] = conv
     o = attn_ops.decode_attention(
-      q, cache["k"], cache["v"], lengths=lengths + t, mask=Mask(causal=True, prefix=t)
+      q, new["k"], new["v"], lengths=lengths + t, mask=Mask(causal=True, prefix=t)
     )
-    return self.attn.out(o.astype(x.dtype)), cache
+    return self.attn.out(o.astype(x.dtype)), new
 
 
 class Block(nnx.Module):
