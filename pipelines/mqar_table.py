@@ -31,8 +31,8 @@ class Variant:
 
 
 # Two state sizes per model, from the tiny presets (d_model 64). "linear attention" is BASED
-# without its sliding-window layer: Taylor linear attention alone, at three feature sizes so
-# that one of them brackets each BASED state from below and above. The transformer appears
+# without its sliding-window layer: Taylor linear attention alone, at feature sizes that bracket
+# each BASED state from below and above. The transformer appears
 # twice: the Llama layout, and with Primer's q/k/v convolutions (``conv_width=3``), the same
 # local mixing every recurrent model here has in front of its memory.
 TRANSFORMER = {"d_model": 64, "n_heads": 4, "n_kv_heads": 4, "d_ff": 128}
@@ -43,6 +43,7 @@ VARIANTS = (
   Variant("based", "based", {"feature_dim": 8}),
   Variant("linear attention", "based", {"feature_dim": 4, "attention_layers": ()}),
   Variant("linear attention", "based", {"feature_dim": 5, "attention_layers": ()}),
+  Variant("linear attention", "based", {"feature_dim": 6, "attention_layers": ()}),
   Variant("linear attention", "based", {"feature_dim": 8, "attention_layers": ()}),
   Variant("deltanet", "deltanet", {"n_heads": 4}),
   Variant("deltanet", "deltanet", {"n_heads": 2}),
@@ -78,6 +79,7 @@ def mqar_table(
   power_a: float | None = None,
   families: tuple[str, ...] | None = None,
   seeds: tuple[int, ...] = (0,),
+  variants: tuple[Variant, ...] = VARIANTS,
   progress: bool = False,
 ) -> list[dict[str, Any]]:
   """Trains every variant (optionally only the rows labelled one of ``families``) once per seed
@@ -88,7 +90,7 @@ def mqar_table(
   """
   kw = {"length": length, "num_pairs": num_pairs, "token_range": token_range, "power_a": power_a}
   rows = []
-  for v, seed in ((v, seed) for seed in seeds for v in VARIANTS):
+  for v, seed in ((v, seed) for seed in seeds for v in variants):
     if families and v.label not in families:
       continue
     # The held-out seed is offset far past any training seed: never the same examples.
