@@ -3,7 +3,7 @@
 Outputs, final states and gradients of every input (queries, keys, values, the three gates,
 the Omega weights and the initial weights) for depth-1 and depth-2 memories, lengths that are
 not chunk multiples, f32 and bf16 inputs, and every option (Omega window, feature maps, Muon,
-the Hebbian "dot" objective).
+the Hebbian "dot" objective, self-generated targets).
 """
 
 from __future__ import annotations
@@ -204,6 +204,27 @@ class NeuralMemoryConformance:
     # The Hebbian loss -<M(k), v>, with momentum, decay and Omega weights on a window that
     # reaches across chunk boundaries (depth 1: the gradient does not depend on M at all).
     self.check(11, depth, chunk_size, objective="dot", use_omega_weights=True, **options)
+
+  @pytest.mark.parametrize(
+    "depth, chunk_size, options",
+    [(1, 1, {}), (2, 1, {}), (2, 4, dict(omega_window=6))]
+    + [
+      pytest.param(*c, marks=pytest.mark.slow)
+      for c in [
+        (1, 4, dict(omega_window=3)),
+        (2, 16, {}),
+        (2, 4, dict(objective="dot", omega_window=2)),
+        (2, 4, dict(optimizer="muon", ns_steps=3, omega_window=2)),
+        (2, 4, dict(residual=True, activation="gelu")),
+        (2, 4, dict(feature_map="poly2")),
+      ]
+    ],
+  )
+  def test_self_targets(self, depth, chunk_size, options):
+    # Nested Learning's self-generated targets M0(phi(v)), with momentum, decay and Omega
+    # weights; the window of 6 reaches two chunks back, whose tokens' targets are read at the
+    # current chunk's M0. The gradient wrt v flows only through the targets.
+    self.check(11, depth, chunk_size, self_targets=True, use_omega_weights=True, **options)
 
   @pytest.mark.parametrize(
     "feature_map", ["poly2", "poly3", pytest.param("elu1", marks=pytest.mark.slow)]

@@ -201,13 +201,15 @@ def test_unsupported_options_raise_and_fall_back():
     ({"objective": "dot"}, "objective='l2'"),
     ({"omega_window": 2}, "omega_window"),
     ({"chunk_size": 4}, "chunk_size >= 8"),
+    ({"self_targets": True}, "self_targets"),
   ]:
     with pytest.raises(NotSupportedError, match=match):
       call("pallas_tpu", **kw)
   with pytest.raises(NotSupportedError, match="powers of two"):
     call("pallas_gpu")  # C = 8 is below Triton's 16
-  # A sequence of names falls back in order: Muon and the dot objective run on xla.
-  for kw in ({"optimizer": "muon"}, {"objective": "dot"}):
+  # A sequence of names falls back in order: Muon, the dot objective and self-generated
+  # targets run on xla.
+  for kw in ({"optimizer": "muon"}, {"objective": "dot"}, {"self_targets": True}):
     y, _ = call(("pallas_tpu", "xla"), **kw)
     y_xla, _ = call("xla", **kw)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_xla))

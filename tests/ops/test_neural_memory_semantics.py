@@ -2,9 +2,9 @@
 
 The implementations are checked against each other in ``test_neural_memory.py``; here the op
 is checked against things written from the math alone (a per-token ``jax.grad`` loop, the
-delta rule, causal linear attention for the Hebbian objective, Newton-Schulz's invariant, the
-polynomial kernels' Taylor series) and against itself (step decoding and split sequences equal
-one call).
+delta rule, causal linear attention for the Hebbian objective, the self-generated-target
+recurrence, Newton-Schulz's invariant, the polynomial kernels' Taylor series) and against
+itself (step decoding and split sequences equal one call).
 """
 
 from __future__ import annotations
@@ -54,6 +54,124 @@ def independent_titans(qkv, gates, memory, omega=None, window=1, activation="sil
         m = jax.tree.map(lambda m, u, keep=keep: keep * m + u, m, u)
         ys[b, t, h] = forward(m, q[b, t, h])
   return ys
+
+
+def independent_self_targets(qkv, gates, memory, omega=None, window=1, activation="silu"):
+  """Nested Learning's self-generated targets at chunk_size=1, token by token in plain jnp.
+
+  Per (batch, head), with ``M = M_{t-1}``: the window's targets ``v_hat_s = M(v_s)`` are read
+  first and handed to the loss as arrays, so ``jax.grad`` (wrt its first argument) holds them
+  fixed; then ``g_t = grad sum_s gamma_s ||M(k_s) - v_hat_s||^2`` at ``M``,
+  ``U_t = eta_t U_{t-1} - theta_t g_t``, ``M_t = (1 - alpha_t) M_{t-1} + U_t`` and
+  ``y_t = M_t(q_t)``. Differentiable end to end (the outer gradient reaches ``M_{t-1}`` and
+  ``v`` through the targets).
+
+  Returns:
+    ``(y [B,T,H,V], final weights {name: [B,H,m,n]})``.
+  """
+  q, k, v = qkv
+  lr, eta, alpha = (gates[n] for n in ("lr", "momentum", "decay"))
+  omega = jnp.ones(lr.shape) if omega is None else omega
+  batch, length, heads, _ = q.shape
+
+  def forward(m, x):
+    if "w" in m:
+      return x @ m["w"]
+    return common.ACTIVATIONS[activation](x @ m["w1"]) @ m["w2"]
+
+  def window_loss(m, keys, targets, weights):
+    return sum(w * jnp.sum((forward(m, x) - y) ** 2) for x, y, w in zip(keys, targets, weights))
+
+  ys, finals = [], []
+  for b in range(batch):
+    for h in range(heads):
+      m = {name: w[h] for name, w in memory.items()}
+      u = jax.tree.map(jnp.zeros_like, m)
+      for t in range(length):
+        s = slice(max(0, t - window + 1), t + 1)
+        targets = [forward(m, x) for x in v[b, s, h]]
+        g = jax.grad(window_loss)(m, k[b, s, h], targets, omega[b, s, h])
+        e, th, keep = eta[b, t, h], lr[b, t, h], 1 - alpha[b, t, h]
+        u = jax.tree.map(lambda u, g, e=e, th=th: e * u - th * g, u, g)
+        m = jax.tree.map(lambda m, u, keep=keep: keep * m + u, m, u)
+        ys.append(forward(m, q[b, t, h]))
+      finals.append(m)
+  y = jnp.stack(ys).reshape(batch, heads, length, -1).transpose(0, 2, 1, 3)
+  final = {
+    name: jnp.stack([f[name] for f in finals]).reshape(batch, heads, *memory[name].shape[1:])
+    for name in memory
+  }
+  return y, final
+
+
+def _self_target_memory(depth, value_dim=6):
+  # An output width V != K, so a mix-up of the target's input and output widths cannot pass.
+  hidden = None if depth == 1 else 8
+  return init_memory(jax.random.key(20), heads=H, key_dim=K, value_dim=value_dim, hidden=hidden)
+
+
+@pytest.mark.parametrize(
+  "implementation, depth, window",
+  [("reference", 1, 1), ("xla", 1, 1), ("reference", 2, 1), ("xla", 2, 1), ("xla", 2, 3)],
+)
+def test_self_targets_chunk_one_is_the_paper_recurrence(implementation, depth, window):
+  """``self_targets``: ``v_hat_t = M_{t-1}(v_t)`` held fixed in the inner gradient at
+  ``M_{t-1}`` (Nested Learning's self-modifying memories), momentum and decay included."""
+  qkv, gates, _, omega = make_inputs(21, 6)
+  memory = _self_target_memory(depth)
+  opts = dict(chunk_size=1, omega_window=window, self_targets=True)
+  y, state = run(implementation, qkv, gates, memory, omega, **opts)
+  y_ref, final_ref = independent_self_targets(qkv, gates, memory, omega, window)
+  assert y.shape == (B, 6, H, 6)
+  assert_close(y, y_ref, jnp.float32, "value", "y")
+  for name, w in final_ref.items():
+    assert_close(state["weights"][name], w, jnp.float32, "value", name)
+  # ... and it is not the ordinary loss on the values: the targets are M(v), not v.
+  if depth == 1 and window == 1:
+    plain = independent_titans(qkv, gates, {"w": memory["w"][..., :V]})
+    assert float(jnp.max(jnp.abs(y[..., :V] - plain))) > 1e-3
+
+
+def test_self_targets_outer_gradient_flows_through_the_targets():
+  """The inner gradient holds ``v_hat`` fixed, the outer one does not: gradients wrt ``v``
+  (which enters only through the targets), the keys, the learning rates and the initial
+  weights equal those of the plain-jnp recurrence."""
+  qkv, gates, _, _ = make_inputs(22, 4)
+  memory = _self_target_memory(2)
+  cy = jax.random.normal(jax.random.key(23), (B, 4, H, 6))
+
+  def loss(fn, k, v, lr, memory):
+    y, final = fn((qkv[0], k, v), {**gates, "lr": lr}, memory)
+    return jnp.sum(y * cy) + sum(jnp.sum(jnp.sin(w)) for w in jax.tree.leaves(final))
+
+  def op(qkv, gates, memory):
+    y, state = neural_memory(
+      *qkv, **gates, memory=memory, chunk_size=1, self_targets=True, implementation="xla"
+    )
+    return y, state["weights"]
+
+  args = (qkv[1], qkv[2], gates["lr"], memory)
+  grads = fast_jit(jax.grad(lambda *a: loss(op, *a), argnums=(0, 1, 2, 3)))(*args)
+  indep = lambda qkv, gates, memory: independent_self_targets(qkv, gates, memory)
+  expected = fast_jit(jax.grad(lambda *a: loss(indep, *a), argnums=(0, 1, 2, 3)))(*args)
+  for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected)):
+    assert_close(g, e, jnp.float32, "grad", f"d{jax.tree_util.keystr(path)}")
+  assert float(jnp.max(jnp.abs(grads[1]))) > 1e-3  # v matters, through the targets only
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
+def test_self_targets_at_the_keys_only_decay(implementation):
+  """With ``v = k`` the memory already predicts its own targets at ``M0``, so every inner
+  gradient is 0 at any chunk size and window: momentum stays 0 and ``M_T = prod(1 - alpha) M_0``.
+  (Targets read at any weights other than the gradient's ``M0`` break this.)"""
+  qkv, gates, memory, omega = make_inputs(24, 7, depth=2)
+  q, k, _ = qkv
+  opts = dict(chunk_size=4, omega_window=3, self_targets=True)
+  _, state = run(implementation, (q, k, k), gates, memory, omega, **opts)
+  keep = jnp.prod(1.0 - gates["decay"], axis=1)[..., None, None]  # [B,H,1,1]
+  for name, w in memory.items():
+    assert_close(state["weights"][name], keep * w, jnp.float32, "value", name)
+    assert_close(state["momentum"][name], jnp.zeros_like(keep * w), jnp.float32, "value", name)
 
 
 @pytest.mark.parametrize("implementation", ["reference", "xla"])
@@ -147,8 +265,10 @@ def test_depth_one_without_momentum_is_the_delta_rule(implementation):
     dict(chunk_size=4, omega_window=3),
     dict(chunk_size=2, optimizer="muon", ns_steps=2),
     dict(chunk_size=4, omega_window=3, objective="dot", feature_map="poly3"),
+    dict(chunk_size=4, omega_window=3, self_targets=True),
+    dict(chunk_size=1, self_targets=True),
   ],
-  ids=["titans", "omega", "muon", "dot-poly3"],
+  ids=["titans", "omega", "muon", "dot-poly3", "self_targets", "self_targets-chunk1"],
 )
 def test_step_decoding_equals_full_op(options):
   fmap = options.get("feature_map", "identity")
@@ -169,14 +289,16 @@ def test_step_decoding_equals_full_op(options):
 
 
 @pytest.mark.parametrize(
-  "implementation, jit",
-  [("xla", False), ("xla", True), ("reference", True)],
-  ids=["xla-static_offset", "xla-traced_offset", "reference"],
+  "implementation, jit, self_targets",
+  [("xla", False, False), ("xla", True, False), ("reference", True, False), ("xla", True, True)],
+  ids=["xla-static_offset", "xla-traced_offset", "reference", "xla-self_targets"],
 )
-def test_split_sequence_equals_one_call(implementation, jit):
+def test_split_sequence_equals_one_call(implementation, jit, self_targets):
   """A state handed back as ``memory`` continues mid-chunk (the split is not chunk-aligned)."""
   qkv, gates, memory, omega = make_inputs(8, 11, depth=2)
-  opts = dict(chunk_size=4, omega_window=3, implementation=implementation)
+  opts = dict(
+    chunk_size=4, omega_window=3, implementation=implementation, self_targets=self_targets
+  )
   call = lambda qkv, gates, omega, memory: neural_memory(
     *qkv, **gates, memory=memory, omega_weights=omega, **opts
   )
@@ -291,6 +413,8 @@ def _bad(**changes):
     (dict(activation="swish"), "unknown activation"),
     (dict(omega_window=0), "omega_window"),
     (dict(implementation="triton"), "unknown implementation"),
+    (dict(self_targets=True, v=jnp.zeros((B, 5, H, K + 1))), "keys' shape"),
+    (dict(self_targets=1), "self_targets must be a bool"),
   ],
 )
 def test_bad_input_raises_before_tracing(changes, match):
@@ -303,6 +427,23 @@ def test_residual_needs_matching_dims():
   memory = init_memory(jax.random.key(0), heads=H, key_dim=K, value_dim=V, feature_map="poly2")
   with pytest.raises(ValueError, match="residual"):
     neural_memory(*qkv, **gates, memory=memory, feature_map="poly2", residual=True)
+
+
+def test_self_targets_shapes():
+  """``self_targets``: V is the memory's output width; the residual read still needs F == V,
+  and the window stores the targets' F-wide inputs, so a state of the other mode whose
+  widths differ is refused."""
+  qkv, gates, _, _ = make_inputs(0, 5)
+  memory = _self_target_memory(1, value_dim=V + 2)
+  y, _ = neural_memory(*qkv, **gates, memory=memory, self_targets=True)
+  assert y.shape == (B, 5, H, V + 2)
+  with pytest.raises(ValueError, match="residual"):
+    neural_memory(*qkv, **gates, memory=memory, self_targets=True, residual=True)
+  memory = init_memory(jax.random.key(0), heads=H, key_dim=K, value_dim=V, feature_map="poly2")
+  opts = dict(omega_window=2, feature_map="poly2")
+  _, state = neural_memory(*qkv, **gates, memory=memory, **opts)
+  with pytest.raises(ValueError, match="window_v"):
+    neural_memory(*qkv, **gates, memory=state, self_targets=True, **opts)
 
 
 def test_state_with_wrong_window_raises():

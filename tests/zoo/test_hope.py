@@ -7,7 +7,9 @@ import pytest
 from flax import nnx
 
 import zoo
+from tests.ops.test_neural_memory_semantics import independent_self_targets
 from zoo.hope.cms import CMSLevel
+from zoo.layers.neural_memory import NeuralMemory
 
 # Float32; differences come from summation order (a chunk's gradient summed at once in the
 # forward, token by token in decoding; chunked vs stepped neural memory).
@@ -60,7 +62,12 @@ def test_cms_level_updates_once_per_chunk():
 
 
 @pytest.mark.parametrize(
-  "kw", [{}, pytest.param({"self_modifying": False, "memory_depth": 1}, marks=pytest.mark.slow)]
+  "kw",
+  [{}]
+  + [
+    pytest.param(kw, marks=pytest.mark.slow)
+    for kw in ({"self_modifying": False, "memory_depth": 1}, {"self_targets": False})
+  ],
 )
 def test_decode_matches_forward_and_causal(kw):
   model = zoo.build(tiny(**kw), rngs=1)
@@ -88,6 +95,38 @@ def test_decode_matches_forward_and_causal(kw):
   full_y, _, _ = run(state, y)
   np.testing.assert_allclose(full_y[:, :6], full[:, :6], atol=TOL["causal"])
   assert np.abs(np.asarray(full_y[:, 6:] - full[:, 6:])).max() > 1e-4
+
+
+def test_kv_generator_trains_on_its_own_targets():
+  """The self-modifying key/value generator (depth 1, read with the static key k) is trained
+  on its own targets ``M_{t-1}(v)`` of the static value v (Nested Learning): its final weights
+  equal that recurrence written token by token in the test (chunk_size 1); without
+  ``kv_self_targets`` (the static ``[k, v]`` as targets) they differ."""
+
+  def build(kv_self_targets):
+    layer = NeuralMemory(
+      16, 2, 8, chunk_size=1, adaptive_kv=True, kv_self_targets=kv_self_targets, rngs=nnx.Rngs(3)
+    )
+    # A generator away from its [I, I] start, so its own targets are not the static ones.
+    noise = jax.random.normal(jax.random.key(4), layer.kv_memory.shape)
+    layer.kv_memory[...] = layer.kv_memory[...] + 0.3 * noise
+    return layer
+
+  layer = build(True)
+  x = jax.random.normal(jax.random.key(5), (2, 5, 16))
+  _, state = layer(x)
+  _, k, v, lr, eta, alpha, _ = layer.project(x, None)
+  gates = {"lr": lr, "momentum": eta, "decay": alpha}
+  _, want = independent_self_targets((k, k, v), gates, {"w": layer.kv_memory[...]})
+  got = state["kv_memory"]["weights"]["w"]
+  np.testing.assert_allclose(got, want["w"], atol=TOL["cms"], rtol=TOL["cms"])
+  _, old = build(False)(x)
+  assert np.abs(np.asarray(old["kv_memory"]["weights"]["w"] - got)).max() > 1e-4
+  with pytest.raises(ValueError, match="adaptive_kv"):
+    NeuralMemory(16, 2, 8, kv_self_targets=True, rngs=nnx.Rngs(0))
+  # The config switch: self targets by default, the static targets still reachable.
+  flags = lambda **kw: zoo.build(tiny(**kw), rngs=0).blocks[0].memory.kv_self_targets
+  assert flags() and not flags(self_targets=False) and not flags(self_modifying=False)
 
 
 def test_decode_state_size_is_constant_in_context_length():

@@ -25,6 +25,9 @@ class HopeConfig:
     memory_lr_max: upper bound of the Titans memory's inner learning rate.
     self_modifying: keys and values come from a memory trained in context (Hope); False
       gives plain Titans projections.
+    self_targets: the self-modifying key/value memory generates its own targets
+      (``v_hat_t = M_{t-1}(v_t)``, Nested Learning) instead of regressing onto the static
+      key/value projections (False, the earlier behaviour). Ignored without self_modifying.
     cms_chunk_sizes: update period of each CMS level, fastest first (Nested Learning's
       frequencies); one MLP level per entry.
     cms_hidden: hidden width of each CMS MLP.
@@ -48,6 +51,7 @@ class HopeConfig:
   conv_size: int = 4
   memory_lr_max: float = 0.1
   self_modifying: bool = True
+  self_targets: bool = True
   cms_chunk_sizes: tuple[int, ...] = (1, 16, 64)
   cms_hidden: int = 256
   cms_lr_max: float = 0.05

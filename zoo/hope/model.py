@@ -32,6 +32,7 @@ class HopeBlock(nnx.Module):
       lr_max=c.memory_lr_max,
       implementation=c.memory_impl,
       adaptive_kv=c.self_modifying,
+      kv_self_targets=c.self_modifying and c.self_targets,
       rngs=rngs,
     )
     self.cms_norms = nnx.List(

@@ -71,8 +71,12 @@ class NeuralMemory(nnx.Module):
       ``omega_weights`` (ATLAS's input-dependent Omega weights); False keeps gamma = 1.
     implementation: the op implementation (None = by backend).
     adaptive_kv: generate the keys and values with a second (depth-1) neural memory trained in
-      context to map each key to its static projections (Hope's self-modifying Titans: the
-      projections themselves learn at test time).
+      context (Hope's self-modifying Titans: the projections themselves learn at test time).
+      It reads the static key; its inner loss maps that key to the static ``[k, v]``, or, with
+      ``kv_self_targets``, to its own read of the static value.
+    kv_self_targets: with ``adaptive_kv``, the key/value generator generates its own targets
+      (Nested Learning's ``v_hat_t = M_{t-1}(v_t)``; the op's ``self_targets``, read at the
+      chunk-start weights) instead of regressing onto the static projections.
   """
 
   def __init__(
@@ -94,8 +98,11 @@ class NeuralMemory(nnx.Module):
     learn_omega_weights: bool = False,
     implementation: str | None = None,
     adaptive_kv: bool = False,
+    kv_self_targets: bool = False,
     rngs: nnx.Rngs,
   ):
+    if kv_self_targets and not adaptive_kv:
+      raise ValueError("kv_self_targets=True needs adaptive_kv=True (it trains the kv generator)")
     self.n_heads, self.head_dim = n_heads, head_dim
     self.conv_size, self.lr_max = conv_size, lr_max
     self.op_kw = dict(
@@ -108,7 +115,7 @@ class NeuralMemory(nnx.Module):
       activation=activation,
     )
     self.implementation = implementation
-    self.adaptive_kv = adaptive_kv
+    self.adaptive_kv, self.kv_self_targets = adaptive_kv, kv_self_targets
     axes = ("embed", "heads", "head_dim")
     shape = (d_model, n_heads, head_dim)
     self.wq = param(rngs, fan_in([d_model]), shape, axes)
@@ -183,7 +190,8 @@ class NeuralMemory(nnx.Module):
         "chunk_start": w,
         "position": jnp.zeros((), jnp.int32),
         "window_k": jnp.zeros((batch, h, 0, k), jnp.float32),
-        "window_v": jnp.zeros((batch, h, 0, 2 * k), jnp.float32),
+        # With self targets the op's window holds target inputs (width K), else targets (2K).
+        "window_v": jnp.zeros((batch, h, 0, k if self.kv_self_targets else 2 * k), jnp.float32),
         "window_gamma": jnp.zeros((batch, h, 0), jnp.float32),
       }
     return state
@@ -239,7 +247,9 @@ class NeuralMemory(nnx.Module):
     new_state = {}
     if self.adaptive_kv:
       kv_init = {"w": self.kv_memory[...]} if state is None else state["kv_memory"]
-      target = jnp.concatenate([k, v], axis=-1)
+      # Self targets: the generator's target is its own read of the static value, M0(v)
+      # (Nested Learning); otherwise it regresses onto the static projections [k, v].
+      target = v if self.kv_self_targets else jnp.concatenate([k, v], axis=-1)
       kv, new_state["kv_memory"] = self._memory_call(
         k,
         k,
@@ -250,6 +260,7 @@ class NeuralMemory(nnx.Module):
         kv_init,
         state is not None,
         chunk_size=self.op_kw["chunk_size"],
+        self_targets=self.kv_self_targets,
       )
       k, v = _l2norm(kv[..., : self.head_dim]), _l2norm(kv[..., self.head_dim :])
     memory = self.initial_weights() if state is None else state["memory"]

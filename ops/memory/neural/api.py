@@ -15,7 +15,11 @@ lr / momentum / decay; the math is in ``reference.py`` and the README beside thi
   the chunk grid), and the last ``omega_window - 1`` tokens ``window_k [B,H,c-1,F]``,
   ``window_v [B,H,c-1,V]``, ``window_gamma [B,H,c-1]``.
 
-``F = feature_dim(K, feature_map)`` is the key width after the feature map.
+``F = feature_dim(K, feature_map)`` is the key width after the feature map. With
+``self_targets=True`` the ``v`` argument is not the target but the memory's input for it
+(``[...,K]`` like the keys, read through the same feature map): the target of token ``s`` is
+``M0(phi(v_s))`` (Nested Learning's self-generated values), ``V`` is then the memory's output
+width, and ``window_v`` holds ``phi(v)`` (``[B,H,c-1,F]``).
 """
 
 from __future__ import annotations
@@ -123,8 +127,23 @@ def _check_weights(weights, what, batch, heads, fdim, vdim, allow_shared):
   return depth
 
 
-def _as_state(memory, batch, heads, fdim, vdim, window):
-  """Normalises ``memory`` to a float32 state dict with ``[B,H,...]`` leaves."""
+def _output_dim(memory) -> int:
+  """V, the memory's output width, read off its last weight matrix (for ``self_targets``)."""
+  if not isinstance(memory, dict):
+    raise ValueError(f"memory must be a dict of weights or a state dict, got {type(memory)}")
+  weights = memory.get("weights", memory)
+  if not isinstance(weights, dict):
+    raise ValueError(f"memory['weights'] must be a dict of weights, got {type(weights)}")
+  last = common.DEPTH_KEYS[common.memory_depth(weights)][-1]
+  return int(weights[last].shape[-1])
+
+
+def _as_state(memory, batch, heads, fdim, vdim, window, target_dim):
+  """Normalises ``memory`` to a float32 state dict with ``[B,H,...]`` leaves.
+
+  ``target_dim`` is the width of what the window stores per token: ``V`` (targets) or, with
+  ``self_targets``, ``F`` (the targets' inputs).
+  """
   if not isinstance(memory, dict):
     raise ValueError(f"memory must be a dict of weights or a state dict, got {type(memory)}")
   if "weights" in memory:
@@ -141,7 +160,7 @@ def _as_state(memory, batch, heads, fdim, vdim, window):
           raise ValueError(f"memory[{name!r}][{key!r}] does not match memory['weights']")
     expected = {
       "window_k": (batch, heads, window - 1, fdim),
-      "window_v": (batch, heads, window - 1, vdim),
+      "window_v": (batch, heads, window - 1, target_dim),
       "window_gamma": (batch, heads, window - 1),
       "position": (),
     }
@@ -166,7 +185,7 @@ def _as_state(memory, batch, heads, fdim, vdim, window):
     "chunk_start": weights,
     "position": jnp.zeros((), jnp.int32),
     "window_k": jnp.zeros((batch, heads, window - 1, fdim), jnp.float32),
-    "window_v": jnp.zeros((batch, heads, window - 1, vdim), jnp.float32),
+    "window_v": jnp.zeros((batch, heads, window - 1, target_dim), jnp.float32),
     "window_gamma": jnp.zeros((batch, heads, window - 1), jnp.float32),
   }
 
@@ -232,16 +251,27 @@ def _prepare(q, k, v, gates, memory, *, time_axis, config):
     raise ValueError(
       f"q and k must both be [B,{'T,' if time_axis else ''}H,K], got {q.shape} and {k.shape}"
     )
+  self_targets = config["self_targets"]
+  if not isinstance(self_targets, bool):
+    raise ValueError(f"self_targets must be a bool, got {self_targets!r}")
+  if self_targets and v.shape != k.shape:
+    # The target is the memory's own read M0(phi(v)), so v is a memory input like the keys.
+    raise ValueError(
+      f"with self_targets=True, v is the memory's input for its target and must have the "
+      f"keys' shape {k.shape} (width K, read through feature_map), got {v.shape}"
+    )
   if v.ndim != q.ndim or v.shape[:-1] != q.shape[:-1]:
     raise ValueError(f"v must be {q.shape[:-1]} + (V,), got {v.shape}")
   if time_axis and q.shape[1] < 1:
     raise ValueError(f"the sequence is empty (T={q.shape[1]})")
   _check_gates(gates, q.shape[:-1])
-  batch, heads, vdim = q.shape[0], q.shape[-2], v.shape[-1]
+  batch, heads = q.shape[0], q.shape[-2]
   fdim = feature_dim(q.shape[-1], config["feature_map"])
+  vdim = _output_dim(memory) if self_targets else v.shape[-1]
   if config["residual"] and fdim != vdim:
     raise ValueError(f"residual=True needs F == V, got F={fdim}, V={vdim}")
-  state = _as_state(memory, batch, heads, fdim, vdim, config["omega_window"])
+  target_dim = fdim if self_targets else vdim
+  state = _as_state(memory, batch, heads, fdim, vdim, config["omega_window"], target_dim)
   fmap = config["feature_map"]
   f32 = lambda x: x.astype(jnp.float32)
   gamma = gates["omega_weights"]
@@ -249,7 +279,7 @@ def _prepare(q, k, v, gates, memory, *, time_axis, config):
   inputs = (
     common.apply_feature_map(q, fmap),
     common.apply_feature_map(k, fmap),
-    f32(v),
+    common.apply_feature_map(v, fmap) if self_targets else f32(v),
     f32(gates["lr"]),
     f32(gates["momentum"]),
     f32(gates["decay"]),
@@ -276,6 +306,7 @@ def neural_memory(
   ns_steps: int = 5,
   activation: str = "silu",
   residual: bool = False,
+  self_targets: bool = False,
   implementation: str | tuple[str, ...] | None = None,
   interpret: bool | None = None,
 ) -> tuple[Float[Array, "B T H V"], dict]:
@@ -283,7 +314,8 @@ def neural_memory(
 
   Args:
     q, k: [B,T,H,K] queries and keys (read through ``feature_map`` inside the op).
-    v: [B,T,H,V] values.
+    v: [B,T,H,V] values (with ``self_targets``: [B,T,H,K], the input the memory reads its
+      targets from).
     lr, momentum, decay: [B,T,H] gates theta, eta, alpha in [0, 1].
     memory: initial weights or a state dict (see the module docstring).
     chunk_size: C, a power of two; gradients are taken at the chunk-start weights
@@ -300,19 +332,26 @@ def neural_memory(
     ns_steps: Newton-Schulz iterations for "muon".
     activation: the depth-2 memory's nonlinearity ("silu", "gelu", "relu", "tanh").
     residual: read ``x + M(x)`` (needs F == V).
+    self_targets: the memory generates its own targets (Nested Learning's self-modifying
+      memories, ``v_hat_s = M0(phi(v_s))``): ``v`` is then ``[B,T,H,K]``, the memory's input
+      for the target, and ``V`` the memory's output width. The target is read at the same
+      chunk-start weights ``M0`` as the gradient (``M_{t-1}`` at chunk_size 1; window tokens
+      of an earlier chunk included) and is a constant of the inner gradient; the outer
+      gradient flows through it into ``M0`` and ``v``.
     implementation: "reference", "xla", "pallas_tpu", "pallas_gpu", a sequence of them
       (tried in order), or None (by backend). The Pallas kernels cover the Titans
       configuration (l2 objective, momentum optimiser, omega_window=1, chunk_size >= 8, a
-      static position) and raise ``NotSupportedError`` otherwise.
+      static position, no self_targets) and raise ``NotSupportedError`` otherwise.
     interpret: run Pallas kernels in interpret mode (None: only on CPU).
 
   Returns:
     ``(y [B,T,H,V] in v's dtype, state)``; the state dict continues the sequence when passed
-    back as ``memory`` (same chunk_size and omega_window) or to ``neural_memory_step``.
+    back as ``memory`` (same chunk_size, omega_window and self_targets) or to
+    ``neural_memory_step``.
 
   Raises:
-    ValueError: bad shapes, gates outside [0, 1] (when concrete), chunk_size not a power of
-      two, an empty sequence, an unknown option.
+    ValueError: bad shapes (with self_targets: v not shaped like k), gates outside [0, 1]
+      (when concrete), chunk_size not a power of two, an empty sequence, an unknown option.
   """
   config = dict(
     chunk_size=chunk_size,
@@ -323,6 +362,7 @@ def neural_memory(
     ns_steps=ns_steps,
     activation=activation,
     residual=residual,
+    self_targets=self_targets,
   )
   gates = {"lr": lr, "momentum": momentum, "decay": decay, "omega_weights": omega_weights}
   inputs, state = _prepare(q, k, v, gates, memory, time_axis=True, config=config)
@@ -344,6 +384,7 @@ def neural_memory(
     ns_steps=ns_steps,
     activation=activation,
     residual=residual,
+    self_targets=self_targets,
     interpret=resolve_interpret(interpret),
   )
   return y.astype(v.dtype), final
@@ -367,6 +408,7 @@ def neural_memory_step(
   ns_steps: int = 5,
   activation: str = "silu",
   residual: bool = False,
+  self_targets: bool = False,
 ) -> tuple[Float[Array, "B H V"], dict]:
   """One decoding step: equals ``neural_memory`` on the next token.
 
@@ -385,6 +427,7 @@ def neural_memory_step(
     ns_steps=ns_steps,
     activation=activation,
     residual=residual,
+    self_targets=self_targets,
   )
   gates = {"lr": lr, "momentum": momentum, "decay": decay, "omega_weights": omega_weights}
   inputs, state = _prepare(q, k, v, gates, memory, time_axis=False, config=config)
@@ -398,6 +441,7 @@ def neural_memory_step(
     ns_steps=ns_steps,
     activation=activation,
     residual=residual,
+    self_targets=self_targets,
   )
   return y.astype(v.dtype), final
 

@@ -1,9 +1,9 @@
 """Host side of the Pallas neural memory, shared by ``pallas_tpu`` and ``pallas_gpu``.
 
-Scope: the Titans configuration. The l2 objective, momentum optimiser, Omega window 1
-(per-token weights ``omega_weights`` included), depth 1 and depth 2 memories with any
-activation and the residual read, a chunk grid whose offset is static (any
-``position % chunk_size`` known at trace time).
+Scope: the Titans configuration. The l2 objective on given targets (not ``self_targets``),
+momentum optimiser, Omega window 1 (per-token weights ``omega_weights`` included), depth 1 and
+depth 2 memories with any activation and the residual read, a chunk grid whose offset is static
+(any ``position % chunk_size`` known at trace time).
 Everything else raises ``NotSupportedError`` so a sequence of implementations falls back.
 
 Forward: inputs go head-major ``[B,H,T,*]`` on the chunk grid (the ``o = position % C`` slots
@@ -67,6 +67,7 @@ class Config:
       objective="l2",
       optimizer="momentum",
       ns_steps=0,
+      self_targets=False,
       activation=self.activation,
       residual=self.residual,
     )
@@ -242,7 +243,12 @@ def _neural_memory_bwd(cfg, res, cotangents):
 _neural_memory.defvjp(_neural_memory_fwd, _neural_memory_bwd)
 
 
-def _check_supported(platform, chunk, offset, window, objective, optimizer, fdim, vdim, hidden):
+def _check_supported(
+  platform, chunk, offset, window, objective, optimizer, self_targets, fdim, vdim, hidden
+):
+  if self_targets:
+    # The kernel streams the targets in; self-generated ones would be read at M0 in-kernel.
+    raise NotSupportedError("the Pallas kernel does not cover self_targets=True")
   if objective != "l2":
     # The kernel forms the l2 error 2 (M0(k) - v) in-kernel; "dot" would need another body.
     raise NotSupportedError(f"the Pallas kernel covers objective='l2', not {objective!r}")
@@ -278,6 +284,7 @@ def neural_memory_pallas(
   ns_steps=5,
   activation="silu",
   residual=False,
+  self_targets=False,
   interpret=False,
   platform,
 ):
@@ -290,7 +297,7 @@ def neural_memory_pallas(
     state: the state dict at the first token (``api._as_state``).
     chunk_size: C (a power of two >= 8).
     offset: static ``position % chunk_size``; None (traced) is not supported.
-    window, objective, optimizer: must be 1, "l2" and "momentum".
+    window, objective, optimizer, self_targets: must be 1, "l2", "momentum" and False.
     ns_steps: unused (Muon only).
     activation, residual: the memory MLP's options.
     interpret: run the kernel in the Pallas interpreter (CPU testing).
@@ -308,7 +315,9 @@ def neural_memory_pallas(
   weights = state["weights"]
   hidden = weights["w1"].shape[-1] if "w1" in weights else None
   F, V = q.shape[-1], v.shape[-1]
-  _check_supported(platform, chunk_size, offset, window, objective, optimizer, F, V, hidden)
+  _check_supported(
+    platform, chunk_size, offset, window, objective, optimizer, self_targets, F, V, hidden
+  )
   cfg = Config(
     platform=platform,
     chunk=chunk_size,

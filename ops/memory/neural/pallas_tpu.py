@@ -18,14 +18,16 @@ def neural_memory_pallas(q, k, v, theta, eta, alpha, gamma, state, *, chunk_size
     theta, eta, alpha, gamma: [B,T,H] float32 (lr, momentum, decay, Omega weight).
     state: the state dict at the first token.
     chunk_size: C, a power of two >= 8.
-    **config: offset, window, objective, optimizer, ns_steps, activation, residual, interpret.
+    **config: offset, window, objective, optimizer, ns_steps, activation, residual,
+      self_targets, interpret.
 
   Returns:
     ``(y [B,T,H,V] float32, final_state)``.
 
   Raises:
     NotSupportedError: an option or shape the kernel does not cover (Muon, the "dot"
-      objective, omega_window > 1, a traced position, tile sizes the platform cannot lower).
+      objective, omega_window > 1, self_targets, a traced position, tile sizes the platform
+      cannot lower).
   """
   return pallas_common.neural_memory_pallas(
     q, k, v, theta, eta, alpha, gamma, state, chunk_size=chunk_size, platform="tpu", **config

@@ -87,10 +87,28 @@ def _outer_sum(coef, left, right):
   return jnp.einsum("bh...x,bhxm,bhxn->bh...mn", coef, left, right, precision=HIGHEST)
 
 
-def _chunk(carry, chunk, *, window, objective, optimizer, ns_steps, activation, residual):
-  """One chunk: ``carry = (M, U, M0)`` -> next carry and the outputs ``[B,H,C,V]``."""
+def _chunk(
+  carry,
+  chunk,
+  *,
+  window,
+  objective,
+  optimizer,
+  ns_steps,
+  activation,
+  residual,
+  self_targets=False,
+):
+  """One chunk: ``carry = (M, U, M0)`` -> next carry and the outputs ``[B,H,C,V]``.
+
+  With ``self_targets`` the ``values`` stream holds the targets' inputs ``phi(v)`` and the
+  targets are ``M0(phi(v))`` for the chunk's tokens and its window alike, as in the reference.
+  """
   weights, momentum, m0 = carry
   q, theta, eta, keep, valid, keys, values, gammas = chunk
+  if self_targets:
+    per_token = jax.tree.map(lambda w: w[:, :, None], m0)  # [B,H,1,m,n] against [B,H,X,F]
+    values = common.mlp_apply(per_token, values, activation, residual)
   size = q.shape[2]
   # band[j, s]: stream token s (chunk token j sits at s = j + window - 1) is in j's window.
   lag = np.arange(size)[:, None] + window - 1 - np.arange(size + window - 1)[None, :]
@@ -157,12 +175,12 @@ def neural_memory_xla(
 
   Args:
     q, k: [B,T,H,F] feature-mapped float32.
-    v: [B,T,H,V] float32.
+    v: [B,T,H,V] float32 (with ``self_targets``: [B,T,H,F], the target input).
     theta, eta, alpha, gamma: [B,T,H] float32.
     state: the state dict at the first token.
     chunk_size: tokens per chunk C.
     offset: static ``position % chunk_size`` or None.
-    **config: window, objective, optimizer, ns_steps, activation, residual.
+    **config: window, objective, optimizer, ns_steps, activation, residual, self_targets.
 
   Returns:
     ``(y [B,T,H,V] float32, final_state)``.
