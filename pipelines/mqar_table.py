@@ -44,6 +44,7 @@ VARIANTS = (
   Variant("linear attention", "based", {"feature_dim": 4, "attention_layers": ()}),
   Variant("linear attention", "based", {"feature_dim": 5, "attention_layers": ()}),
   Variant("linear attention", "based", {"feature_dim": 6, "attention_layers": ()}),
+  Variant("linear attention", "based", {"feature_dim": 7, "attention_layers": ()}),
   Variant("linear attention", "based", {"feature_dim": 8, "attention_layers": ()}),
   Variant("deltanet", "deltanet", {"n_heads": 4}),
   Variant("deltanet", "deltanet", {"n_heads": 2}),

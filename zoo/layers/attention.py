@@ -80,8 +80,8 @@ class Attention(nnx.Module):
     """Un-rotated ``q [B,T,H,Dh]``, ``k, v [B,T,K,Dh]`` (cache policies place RoPE themselves)."""
     if self.conv is not None:
       raise ValueError(
-        "this attention layer has short convolutions (conv_width > 0), which only the "
-        "transformer's own full-cache path applies; build the backbone with conv_width=0 for "
+        "this attention layer has short convolutions (conv_width > 0), which only its own "
+        "forward and KV-cache paths apply; build the backbone with conv_width=0 for "
         "StreamingLLM, DuoAttention, InfLLM, landmark or HMT"
       )
     return self._linear(x)
