@@ -9,6 +9,7 @@ itself (step decoding and split sequences equal one call).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -18,6 +19,13 @@ import pytest
 
 from ops.memory.neural import common, feature_dim, init_memory, neural_memory, neural_memory_step
 from tests.ops.test_neural_memory import B, H, K, V, assert_close, fast_jit, make_inputs, run
+
+
+def _mlp(m, x, activation):
+  """The memory read ``M(x)``: depth 1 ``x W`` or depth 2 ``act(x W1) W2``."""
+  if "w" in m:
+    return x @ m["w"]
+  return common.ACTIVATIONS[activation](x @ m["w1"]) @ m["w2"]
 
 
 def independent_titans(qkv, gates, memory, omega=None, window=1, activation="silu", objective="l2"):
@@ -31,10 +39,7 @@ def independent_titans(qkv, gates, memory, omega=None, window=1, activation="sil
   omega = np.ones(lr.shape, np.float32) if omega is None else np.asarray(omega, np.float32)
   batch, length, heads, _ = q.shape
 
-  def forward(m, x):
-    if "w" in m:
-      return x @ m["w"]
-    return common.ACTIVATIONS[activation](x @ m["w1"]) @ m["w2"]
+  forward = functools.partial(_mlp, activation=activation)
 
   def window_loss(m, keys, values, weights):
     if objective == "dot":
@@ -74,10 +79,7 @@ def independent_self_targets(qkv, gates, memory, omega=None, window=1, activatio
   omega = jnp.ones(lr.shape) if omega is None else omega
   batch, length, heads, _ = q.shape
 
-  def forward(m, x):
-    if "w" in m:
-      return x @ m["w"]
-    return common.ACTIVATIONS[activation](x @ m["w1"]) @ m["w2"]
+  forward = functools.partial(_mlp, activation=activation)
 
   def window_loss(m, keys, targets, weights):
     return sum(w * jnp.sum((forward(m, x) - y) ** 2) for x, y, w in zip(keys, targets, weights))
