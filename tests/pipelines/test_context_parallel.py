@@ -25,8 +25,12 @@ TOL = {"loss": 1e-5, "params": 5e-5}
 SGD_LR = 0.5
 SEQ = 16  # a multiple of 2 x context: the ring's load-balanced layout gives each device 2 chunks
 
+TRANSFORMER = {"d_model": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64}
 MODELS = {
-  "transformer": {"d_model": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64},
+  "transformer": TRANSFORMER,
+  # Primer's q/k/v convolutions run outside the ring, on the context-split sequence: their taps
+  # must reach across shard boundaries (and stop at document starts) as on one device.
+  "primer": {**TRANSFORMER, "conv_width": 3},
   "deltanet": {
     "name": "deltanet",
     "d_model": 32,
@@ -116,7 +120,8 @@ def spy(monkeypatch, name):
 )
 @pytest.mark.parametrize("model", list(MODELS))
 def test_context_step_matches_one_device(model, mesh, reference, monkeypatch):
-  kernel = "ring_attention" if model == "transformer" else "gated_delta_rule_sharded"
+  attention = model in ("transformer", "primer")
+  kernel = "ring_attention" if attention else "gated_delta_rule_sharded"
   calls = spy(monkeypatch, kernel)
   loss, params, hlo = one_step(model, MESHES[mesh])
   assert calls and all(m.shape["context"] == 4 for m in calls), f"{kernel} was not used"
@@ -126,7 +131,7 @@ def test_context_step_matches_one_device(model, mesh, reference, monkeypatch):
   np.testing.assert_allclose(loss, ref_loss, rtol=TOL["loss"])
   for a, b in zip(params, ref_params):
     np.testing.assert_allclose(a, b, atol=TOL["params"], rtol=TOL["params"])
-  if model == "transformer":
+  if attention:
     # K/V slices travel around the ring (forward and backward).
     assert "collective-permute" in hlo
   else:
