@@ -6,8 +6,6 @@ from typing import Literal
 
 from zoo.configbase import config_dataclass
 
-_FEATURE_MAPS = ("identity", "poly2", "poly3", "poly4", "elu1")
-
 
 @config_dataclass
 class TitansConfig:
