@@ -69,7 +69,8 @@ class TrainConfig:
     lr: peak learning rate; warmup_steps of linear warmup then cosine decay to lr * min_lr_ratio.
     grad_accum: micro-batches per step (batch_size must be divisible by it).
     compute_dtype: activations dtype (parameters and optimizer state stay float32).
-    remat: recompute each block's activations in the backward pass.
+    remat: per-block rematerialisation: ``none``/false, ``full``/true (save nothing in a block),
+      ``dots`` (save matmul results) or ``offload`` (``dots`` saved to host memory; GPU/TPU).
     on_nonfinite: ``stop`` (raise, no checkpoint) or ``skip`` (drop the update).
     checkpoint_every / keep_checkpoints: Orbax checkpoint cadence and retention.
     log_every / eval_every / eval_batches: metrics cadence and held-out batches per eval.
@@ -85,7 +86,7 @@ class TrainConfig:
   grad_clip: float = 1.0
   grad_accum: int = 1
   compute_dtype: Literal["float32", "bfloat16"] = "float32"
-  remat: bool = False
+  remat: bool | Literal["none", "full", "dots", "offload"] = False
   on_nonfinite: Literal["stop", "skip"] = "stop"
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
@@ -94,6 +95,13 @@ class TrainConfig:
   eval_every: int = 100
   eval_batches: int = 4
   progress: bool = True
+
+  @property
+  def remat_policy(self) -> str | None:
+    """The ``zoo.layers.remat`` policy name, or None."""
+    if self.remat is True:
+      return "full"
+    return None if self.remat in (False, "none") else self.remat
 
   def __post_init__(self):
     for name in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):

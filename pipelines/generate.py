@@ -8,9 +8,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from zoo.interface import LanguageModel
+
 
 def generate(
-  model: nnx.Module,
+  model: LanguageModel,
   prompt: np.ndarray,
   num_tokens: int,
   *,
@@ -27,9 +29,10 @@ def generate(
     raise ValueError(f"prompt must be [B, P] with P >= 1, got shape {prompt.shape}")
   batch, plen = prompt.shape
   max_len = plen + num_tokens
-  limit = getattr(model.config, "max_len", None)
-  if limit is not None and max_len > limit and not getattr(model, "unbounded_decode", False):
-    raise ValueError(f"prompt ({plen}) + num_tokens ({num_tokens}) exceeds max_len={limit}")
+  if max_len > model.max_len and not model.unbounded_decode:
+    raise ValueError(
+      f"prompt ({plen}) + num_tokens ({num_tokens}) exceeds the model's max_len={model.max_len}"
+    )
   graphdef, state = nnx.split(model)
 
   @jax.jit

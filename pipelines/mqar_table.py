@@ -67,8 +67,7 @@ DEFAULT_TASK = {"length": 64, "num_pairs": 8, "token_range": (0, 128)}
 def state_size(cfg: Any) -> int | None:
   """Recall-state floats per sequence (None: grows with the sequence, i.e. a KV cache)."""
   model = nnx.eval_shape(lambda: zoo.build(cfg, rngs=nnx.Rngs(0)))
-  fn = getattr(model, "state_size", None)
-  return fn() if fn is not None else None
+  return model.state_size()
 
 
 def mqar_table(

@@ -28,6 +28,8 @@ from pipelines.checkpoint import Checkpointer, abstract
 from pipelines.data import loader
 from pipelines.metrics import MetricsWriter
 from pipelines.optim import optimizer, schedule
+from zoo import interface
+from zoo.layers import remat
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -43,23 +45,23 @@ class TrainResult:
   run_dir: Path
 
 
-def build_model(exp: config_lib.Experiment, compute_dtype: str | None = None):
-  """The model of an experiment with the train compute dtype applied; returns (graphdef, params,
-  rest) where ``params`` is the ``nnx.Param`` state."""
-  cfg = exp.model
-  if compute_dtype and hasattr(cfg, "dtype"):
-    cfg = dataclasses.replace(cfg, dtype=compute_dtype)
+def build_model(
+  exp: config_lib.Experiment, compute_dtype: str | None = None, remat_policy: str | None = None
+):
+  """The model of an experiment with the train compute dtype and remat policy applied (the model
+  contract, ``zoo.interface``); returns (graphdef, params, rest) where ``params`` is the
+  ``nnx.Param`` state."""
+  cfg = interface.with_compute_dtype(exp.model, compute_dtype)
   model = zoo.build(cfg, rngs=nnx.Rngs(exp.seed))
+  interface.set_remat(model, remat_policy)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, params, rest
 
 
-def loss_fn(graphdef, params, rest, batch, remat: bool = False):
+def loss_fn(graphdef, params, rest, batch):
   """Mean next-token cross-entropy over ``loss_mask``; returns (loss, (sum_nats, count))."""
   model = nnx.merge(graphdef, params, rest)
-  if remat and hasattr(model, "remat"):
-    model.remat = True
-  if getattr(model, "accepts_segment_ids", True):
+  if model.accepts_segment_ids:
     logits, _ = model(batch["inputs"], segment_ids=batch["segment_ids"])
   else:
     # Families that run one stream per row (block memories, segment recurrence) read the
@@ -86,9 +88,7 @@ def make_train_step(
   ``mesh`` the step runs under it: the layers constrain activations by the layout's rules and,
   on a ``context`` axis, run ring attention and the sequence-parallel memory.
   """
-  grad_fn = jax.value_and_grad(
-    lambda p, b: loss_fn(graphdef, p, rest, b, cfg.remat)[1][0], has_aux=False
-  )
+  grad_fn = jax.value_and_grad(lambda p, b: loss_fn(graphdef, p, rest, b)[1][0], has_aux=False)
 
   def micro(params, batch):
     total, grads = grad_fn(params, batch)
@@ -122,7 +122,8 @@ def make_train_step(
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": count}
     return params, opt_state, metrics
 
-  return sharding.in_mesh(jax.jit(step, donate_argnums=(0, 1)), mesh)
+  options = remat.compiler_options(cfg.remat_policy) or None
+  return sharding.in_mesh(jax.jit(step, donate_argnums=(0, 1), compiler_options=options), mesh)
 
 
 def make_eval_step(graphdef, rest, mesh: jax.sharding.Mesh | None = None):
@@ -177,7 +178,7 @@ def train(
     )
   # Parameters are created already sharded: no device ever holds the whole model.
   graphdef, params, rest = sharding.create_sharded(
-    lambda: build_model(exp, cfg.compute_dtype), mesh
+    lambda: build_model(exp, cfg.compute_dtype, cfg.remat_policy), mesh
   )
   tx = optimizer(cfg)
   opt_state = sharding.place_state(tx.init(params), mesh)

@@ -46,3 +46,7 @@ def replace(config: T, **changes: Any) -> T:
 def to_dict(config: Any) -> dict[str, Any]:
   """Nested plain-dict form (for YAML/JSON)."""
   return dataclasses.asdict(config)
+
+
+# An op implementation in a config: a name, names tried in order, or None (the backend's default).
+Implementation = str | tuple[str, ...] | None

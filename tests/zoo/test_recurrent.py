@@ -18,8 +18,8 @@ from flax import nnx
 
 import zoo
 from zoo.layers.conv import ShortConv
-from zoo.layers.hybrid import AttentionMixer
 from zoo.layers.linear_attention import LinearAttention, decay_params, taylor
+from zoo.layers.recurrent_lm import AttentionMixer
 from zoo.mom.model import route
 
 # Tolerances. Models are float32; decode runs the step recurrence (or the chunked op with an

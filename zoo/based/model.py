@@ -5,8 +5,8 @@ from __future__ import annotations
 from flax import nnx
 
 from zoo.based.config import BasedConfig
-from zoo.layers.hybrid import AttentionMixer, RecurrentLM
 from zoo.layers.linear_attention import LinearAttention
+from zoo.layers.recurrent_lm import AttentionMixer, RecurrentLM
 
 
 class Based(RecurrentLM):

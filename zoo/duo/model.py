@@ -16,13 +16,18 @@ from flax import nnx
 
 import ops.attention as attn_ops
 from zoo.duo.config import DuoConfig
+from zoo.interface import ZooModel
 from zoo.layers.cache import SinkCache, forward_blocks, step_blocks
 from zoo.layers.params import param
 from zoo.transformer.model import Transformer
 
 
-class DuoAttention(nnx.Module):
+class DuoAttention(ZooModel):
   """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``."""
+
+  @property
+  def max_len(self) -> int:
+    return self.backbone.config.max_len
 
   def __init__(self, config: DuoConfig, *, rngs: nnx.Rngs):
     self.config = config

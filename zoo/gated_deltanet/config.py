@@ -3,10 +3,11 @@ with delta rule"): the DeltaNet fields, with the output gate on by default."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from zoo.configbase import config_dataclass
 from zoo.deltanet.config import DeltaNetConfig
+from zoo.layers.recurrent_config import presets
 
 
 @config_dataclass
@@ -17,37 +18,12 @@ class GatedDeltaNetConfig(DeltaNetConfig):
   family: Literal["gated_deltanet"] = "gated_deltanet"
   output_gate: bool = True
 
-
-def tiny(**overrides) -> GatedDeltaNetConfig:
-  """For tests and MQAR on CPU."""
-  return GatedDeltaNetConfig(
-    **{"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, **overrides}
-  )
-
-
-def small(**overrides) -> GatedDeltaNetConfig:
-  """~25M parameters."""
-  return GatedDeltaNetConfig(
-    **{"d_model": 512, "n_layers": 8, "n_heads": 8, "d_ff": 1408, "max_len": 2048, **overrides}
-  )
+  # base: hybrid like the paper's H1, every fourth layer sliding-window attention.
+  PRESET_FIELDS: ClassVar[dict[str, dict[str, Any]]] = {
+    **DeltaNetConfig.PRESET_FIELDS,
+    "base": {"n_heads": 12, "attention_layers": (3, 7, 11), "window": 512},
+  }
 
 
-def base(**overrides) -> GatedDeltaNetConfig:
-  """~125M-class layout (GPU/TPU), hybrid like the paper's H1: every fourth layer is
-  sliding-window attention."""
-  return GatedDeltaNetConfig(
-    **{
-      "d_model": 768,
-      "n_layers": 12,
-      "n_heads": 12,
-      "d_ff": 2048,
-      "max_len": 4096,
-      "attention_layers": (3, 7, 11),
-      "window": 512,
-      "dtype": "bfloat16",
-      **overrides,
-    }
-  )
-
-
-PRESETS = {"tiny": tiny, "small": small, "base": base}
+PRESETS = presets(GatedDeltaNetConfig)
+tiny, small, base = PRESETS["tiny"], PRESETS["small"], PRESETS["base"]

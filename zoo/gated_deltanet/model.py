@@ -6,7 +6,7 @@ from flax import nnx
 
 from zoo.deltanet.model import build_mixers
 from zoo.gated_deltanet.config import GatedDeltaNetConfig
-from zoo.layers.hybrid import RecurrentLM
+from zoo.layers.recurrent_lm import RecurrentLM
 
 
 class GatedDeltaNet(RecurrentLM):

@@ -22,16 +22,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo.hmt.config import HMTConfig
+from zoo.interface import ZooModel
 from zoo.layers.cache import FullCache, forward_blocks
 from zoo.layers.params import fan_in, normal, param
 from zoo.transformer.model import Transformer
 
 
-class HMT(nnx.Module):
+class HMT(ZooModel):
   """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``."""
 
   # One stream per row: the training loop does not pass packed segment ids.
   accepts_segment_ids = False
+
+  @property
+  def max_len(self) -> int:
+    return self.backbone.config.max_len
 
   def __init__(self, config: HMTConfig, *, rngs: nnx.Rngs):
     self.config = config

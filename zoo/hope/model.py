@@ -10,12 +10,14 @@ from flax import nnx
 
 from zoo.hope.cms import CMSLevel
 from zoo.hope.config import HopeConfig
+from zoo.interface import ZooModel
 from zoo.layers.neural_memory import NeuralMemory, memory_hidden
 from zoo.layers.norms import RMSNorm
 from zoo.layers.params import dtype_of, normal, param
+from zoo.layers.remat import RematBlock, checkpointed
 
 
-class HopeBlock(nnx.Module):
+class HopeBlock(RematBlock, nnx.Module):
   """``x += Titans(x)``, then ``x += CMS_l(x)`` for every level, fastest first (pre-norm)."""
 
   def __init__(self, config: HopeConfig, *, rngs: nnx.Rngs):
@@ -45,6 +47,7 @@ class HopeBlock(nnx.Module):
       ]
     )
 
+  @checkpointed
   def __call__(self, x: jax.Array, state: dict[str, Any] | None = None):
     """``x [B,T,D]``; ``state`` None (sequence start, full forward) or a decode state."""
     m, mem_state = self.memory(self.mem_norm(x), None if state is None else state["memory"])
@@ -66,7 +69,7 @@ class HopeBlock(nnx.Module):
     }
 
 
-class Hope(nnx.Module):
+class Hope(ZooModel):
   """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``.
 
   ``aux["cms_drift"]`` is ``[L, levels]``: how far each CMS level's weights moved in context

@@ -18,15 +18,20 @@ from zoo.infllm import store as host_store
 from zoo.infllm.config import InfLLMConfig
 from zoo.infllm.eventcache import EventMemoryCache, host_shapes
 from zoo.infllm.memory import BlockMemoryCache
+from zoo.interface import ZooModel
 from zoo.layers.cache import step_blocks
 from zoo.transformer.model import Transformer
 
 
-class InfLLM(nnx.Module):
+class InfLLM(ZooModel):
   """``logits, aux = model(tokens [B,T])`` (a chunked decode); ``init_state`` / ``step``."""
 
   # One stream per row: the training loop does not pass packed segment ids.
   accepts_segment_ids = False
+
+  @property
+  def max_len(self) -> int:
+    return self.backbone.config.max_len
 
   def __init__(self, config: InfLLMConfig, *, rngs: nnx.Rngs):
     self.config = config

@@ -11,8 +11,8 @@ from __future__ import annotations
 from flax import nnx
 
 from zoo.jrt.config import JRTConfig
-from zoo.layers.hybrid import AttentionMixer, RecurrentLM
 from zoo.layers.linear_attention import LinearAttention
+from zoo.layers.recurrent_lm import AttentionMixer, RecurrentLM
 
 
 class JRT(RecurrentLM):

@@ -22,6 +22,7 @@ from flax import nnx
 
 import ops.attention as attn_ops
 from ops.attention.merge import merge
+from zoo.interface import ZooModel
 from zoo.landmark.config import LandmarkConfig
 from zoo.layers.cache import attend_dense, forward_blocks, step_blocks
 from zoo.layers.params import normal, param
@@ -79,8 +80,12 @@ def _safe_softmax(s):
   return p / jnp.maximum(jnp.sum(p, -1, keepdims=True), 1e-30)
 
 
-class Landmark(nnx.Module):
+class Landmark(ZooModel):
   """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``."""
+
+  @property
+  def max_len(self) -> int:
+    return self.backbone.config.max_len
 
   def __init__(self, config: LandmarkConfig, *, rngs: nnx.Rngs):
     self.config = config

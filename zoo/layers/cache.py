@@ -22,9 +22,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 import ops.attention as attn_ops
 from ops.attention.merge import merge_pair
+from zoo.layers import remat
 
 Rotate = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -214,8 +216,14 @@ def forward_blocks(backbone, x, attend: Callable[[int, Any, jax.Array], jax.Arra
   place of each block's attention; returns the final hidden states ``[B,T,D]`` (pre-norm)."""
   check_plain_backbone(backbone)
   for i, block in enumerate(backbone.blocks):
-    x = x + attend(i, block.attn, block.attn_norm(x))
-    x = x + block.mlp(block.mlp_norm(x))
+
+    def layer(block, x, i=i):
+      x = x + attend(i, block.attn, block.attn_norm(x))
+      return x + block.mlp(block.mlp_norm(x))
+
+    if block.remat_policy is not None:  # the backbone's remat setting covers the whole layer
+      layer = nnx.remat(layer, policy=remat.POLICIES[block.remat_policy]())
+    x = layer(block, x)
   return x
 
 

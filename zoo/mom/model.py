@@ -18,10 +18,10 @@ from flax import nnx
 import ops.memory as mem_ops
 from zoo.layers import parallel
 from zoo.layers.conv import ShortConv
-from zoo.layers.hybrid import AttentionMixer, RecurrentLM
 from zoo.layers.linear_attention import decay_params, l2_normalize, log_decay
 from zoo.layers.norms import RMSNorm
 from zoo.layers.params import fan_in, param
+from zoo.layers.recurrent_lm import AttentionMixer, RecurrentLM
 from zoo.mom.config import MoMConfig
 
 

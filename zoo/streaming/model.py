@@ -12,14 +12,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zoo.interface import ZooModel
 from zoo.layers.cache import SinkCache, forward_blocks, step_blocks
 from zoo.layers.params import normal, param
 from zoo.streaming.config import StreamingConfig
 from zoo.transformer.model import Transformer
 
 
-class StreamingLLM(nnx.Module):
+class StreamingLLM(ZooModel):
   """``logits, aux = model(tokens [B,T])``; ``init_state`` / ``step`` use constant memory."""
+
+  @property
+  def max_len(self) -> int:
+    return self.backbone.config.max_len
+
+  def state_size(self) -> int:
+    """Floats of the constant decode cache: sinks + window keys and values in every layer."""
+    b = self.config.backbone
+    per_layer = 2 * (self.config.sinks + self.config.window) * b.n_kv_heads * b.resolved_head_dim
+    return per_layer * b.n_layers
 
   def __init__(self, config: StreamingConfig, *, rngs: nnx.Rngs):
     self.config = config

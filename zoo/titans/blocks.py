@@ -17,6 +17,7 @@ from zoo.layers.attention import Attention
 from zoo.layers.mlp import SwiGLU
 from zoo.layers.neural_memory import NeuralMemory, memory_hidden
 from zoo.layers.norms import RMSNorm
+from zoo.layers.remat import RematBlock, checkpointed
 from zoo.titans.config import TitansConfig
 
 
@@ -58,7 +59,7 @@ def _window_attention(c: TitansConfig, *, rngs: nnx.Rngs) -> Attention:
   )
 
 
-class SequenceBlock(nnx.Module):
+class SequenceBlock(RematBlock, nnx.Module):
   """Pre-norm residual block; ``variant`` picks how memory and attention combine.
 
   - ``lmm``: ``x += M(x)``; ``x += MLP(x)``.
@@ -94,6 +95,7 @@ class SequenceBlock(nnx.Module):
         x = x + a
     return x + self.mlp(self.mlp_norm(x)), mem_state, attn_state
 
+  @checkpointed
   def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
     """``x [B,T,D]``, ``positions [B,T]`` -> ``(x, final memory state)``."""
     x, mem_state, _ = self._mix(

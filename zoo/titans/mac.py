@@ -28,13 +28,14 @@ from zoo.layers.attention import Attention
 from zoo.layers.mlp import SwiGLU
 from zoo.layers.norms import RMSNorm
 from zoo.layers.params import param
+from zoo.layers.remat import RematBlock, checkpointed
 from zoo.titans.blocks import build_memory, persistent_init
 from zoo.titans.config import TitansConfig
 
 _CAUSAL = attn_ops.Mask(causal=True)
 
 
-class MACBlock(nnx.Module):
+class MACBlock(RematBlock, nnx.Module):
   """``x [B,T,D] -> [B,T,D]``: segment attention over memory context, then SwiGLU."""
 
   def __init__(self, config: TitansConfig, *, rngs: nnx.Rngs):
@@ -82,6 +83,7 @@ class MACBlock(nnx.Module):
     m, mem_state = self.memory(y, mem_state)
     return y * jax.nn.sigmoid(m), mem_state
 
+  @checkpointed
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
     """``x [B,T,D]`` -> ``(x [B,T,D], final memory state)``."""
     batch, length, dim = x.shape

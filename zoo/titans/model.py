@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zoo.interface import ZooModel
 from zoo.layers.norms import RMSNorm
 from zoo.layers.params import dtype_of, normal, param
 from zoo.titans.blocks import SequenceBlock, persistent_init
@@ -24,7 +25,7 @@ def _memory_norms(states: list[dict[str, Any]]) -> jax.Array:
   return jnp.stack(norms)
 
 
-class Titans(nnx.Module):
+class Titans(ZooModel):
   """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``.
 
   For mag/mal/lmm the ``n_persistent`` learned tokens are a prefix of every sequence (the

@@ -9,15 +9,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ops.attention import Mask
+from zoo.interface import ZooModel
 from zoo.layers import parallel
 from zoo.layers.attention import Attention
 from zoo.layers.mlp import SwiGLU
 from zoo.layers.norms import RMSNorm
 from zoo.layers.params import dtype_of, normal, param
+from zoo.layers.positions import document_positions
+from zoo.layers.remat import RematBlock, checkpointed
 from zoo.transformer.config import TransformerConfig
 
 
-class Block(nnx.Module):
+class Block(RematBlock, nnx.Module):
   """Pre-norm residual block: attention then SwiGLU."""
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -38,6 +41,7 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs)
     self.mlp = SwiGLU(c.d_model, c.d_ff, rngs=rngs)
 
+  @checkpointed
   def __call__(self, x, positions, segment_ids=None):
     x = x + self.attn(self.attn_norm(x), positions, segment_ids)
     return x + self.mlp(self.mlp_norm(x))
@@ -48,7 +52,7 @@ class Block(nnx.Module):
     return x + self.mlp(self.mlp_norm(x)), cache
 
 
-class Transformer(nnx.Module):
+class Transformer(ZooModel):
   """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``."""
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -110,16 +114,3 @@ class Transformer(nnx.Module):
       x, cache = block.step(x, cache, lengths)
       caches.append(cache)
     return self.logits(x), {"lengths": lengths + tokens.shape[1], "caches": caches}
-
-
-def document_positions(shape: tuple[int, int], segment_ids: jax.Array | None) -> jax.Array:
-  """Positions ``[B,T]`` that restart at 0 at every document start of ``segment_ids``."""
-  b, t = shape
-  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  if segment_ids is None:
-    return idx
-  starts = jnp.concatenate(
-    [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-  )
-  start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
-  return idx - start_idx

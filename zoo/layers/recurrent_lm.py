@@ -21,31 +21,13 @@ from flax import nnx
 
 import ops.attention as attn_ops
 from ops.attention import Mask
+from zoo.interface import ZooModel
 from zoo.layers.attention import Attention
 from zoo.layers.mlp import SwiGLU
 from zoo.layers.norms import RMSNorm
 from zoo.layers.params import dtype_of, normal, param
-from zoo.transformer.model import document_positions
-
-
-def check_common(cfg: Any) -> None:
-  """Validates the fields every recurrent config shares; raises ValueError naming the field."""
-  for name in ("vocab_size", "d_model", "n_layers", "max_len", "chunk_size"):
-    if getattr(cfg, name) < 1:
-      raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-  if cfg.d_ff < 0:
-    raise ValueError(f"d_ff must be >= 0 (0 = no MLP), got {cfg.d_ff}")
-  if cfg.chunk_size & (cfg.chunk_size - 1):
-    raise ValueError(f"chunk_size must be a power of two, got {cfg.chunk_size}")
-  if cfg.conv_width < 0:
-    raise ValueError(f"conv_width must be >= 0 (0 = no short convolution), got {cfg.conv_width}")
-  for i in cfg.attention_layers:
-    if not 0 <= i < cfg.n_layers:
-      raise ValueError(f"attention_layers entry {i} is not a layer index in [0, {cfg.n_layers})")
-  if len(set(cfg.attention_layers)) != len(cfg.attention_layers):
-    raise ValueError(f"attention_layers has duplicates: {cfg.attention_layers}")
-  if cfg.window is not None and cfg.window < 1:
-    raise ValueError(f"window must be >= 1 or null, got {cfg.window}")
+from zoo.layers.positions import document_positions
+from zoo.layers.remat import RematBlock, checkpointed
 
 
 class AttentionMixer(nnx.Module):
@@ -156,7 +138,7 @@ class AttentionMixer(nnx.Module):
     return self.attn.out(o.astype(x.dtype)), new
 
 
-class Block(nnx.Module):
+class Block(RematBlock, nnx.Module):
   """Pre-norm residual block: the mixer, then a SwiGLU MLP when ``d_ff > 0``."""
 
   def __init__(self, d_model: int, mixer: nnx.Module, d_ff: int, eps: float, *, rngs: nnx.Rngs):
@@ -165,6 +147,7 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(d_model, eps=eps, rngs=rngs) if d_ff else None
     self.mlp = SwiGLU(d_model, d_ff, rngs=rngs) if d_ff else None
 
+  @checkpointed
   def __call__(self, x, **kw):
     h, aux = self.mixer(self.mixer_norm(x), **kw)
     x = x + h
@@ -180,7 +163,7 @@ class Block(nnx.Module):
     return x, state
 
 
-class RecurrentLM(nnx.Module):
+class RecurrentLM(ZooModel):
   """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``.
 
   Subclasses build their mixers and call ``super().__init__(config, mixers, rngs=rngs)``; the
