@@ -20,7 +20,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipelines.config import ConfigError
+from ops.common.dispatch import NotSupportedError
+from pipelines.errors import ConfigError, UserError
 
 DEFAULT_DEMO = "configs/demo.yaml"
 
@@ -106,10 +107,7 @@ def _bench(args) -> int:
     from pipelines import bench_model as bench
   else:
     raise ConfigError(f"unknown benchmark {args.what!r}")
-  rows = bench.run_cli(args.rest) if hasattr(bench, "run_cli") else None
-  if rows is None:
-    fn = getattr(bench, f"bench_{args.what}")
-    rows = fn()
+  rows = bench.run_cli(args.rest)
   print(bench.format_table(rows))
   return 0
 
@@ -192,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
   try:
     return args.fn(args)
-  except ConfigError as e:
-    print(f"memzoo: config error: {e}", file=sys.stderr)
-    return 2
-  except (FileNotFoundError, ValueError) as e:
+  except UserError as e:
+    print(f"memzoo: {e.label}: {e}", file=sys.stderr)
+    return e.exit_code
+  except NotSupportedError as e:  # an op implementation named explicitly cannot serve the call
     print(f"memzoo: error: {e}", file=sys.stderr)
     return 2
 

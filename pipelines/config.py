@@ -17,11 +17,8 @@ import pydantic
 import yaml
 
 import zoo
+from pipelines.errors import ConfigError
 from zoo.configbase import closest, config_dataclass, field_names
-
-
-class ConfigError(ValueError):
-  """A config problem, naming the key and the file."""
 
 
 @config_dataclass

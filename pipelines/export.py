@@ -21,13 +21,10 @@ import numpy as np
 from flax import nnx
 
 from pipelines import config as config_lib
+from pipelines.errors import CorruptFileError
 
 FORMAT = "memzoo-safetensors"
 FORMATS = ("safetensors", "hf", "stablehlo")
-
-
-class CorruptFileError(ValueError):
-  """A weights file is truncated, corrupt or does not match its config."""
 
 
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:

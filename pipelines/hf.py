@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from pipelines import config as config_lib
+from pipelines.errors import UnsupportedModelError
 from pipelines.export import CorruptFileError, assign_params, flat_params, read_safetensors
 
 ARCHITECTURES = {
@@ -29,10 +30,6 @@ ARCHITECTURES = {
   "MistralForCausalLM": "mistral",
   "Qwen2ForCausalLM": "qwen2",
 }
-
-
-class UnsupportedModelError(ValueError):
-  """An HF checkpoint memzoo cannot represent (architecture, activation, biases, scaling)."""
 
 
 def config_to_hf(cfg: Any) -> dict[str, Any]:

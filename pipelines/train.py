@@ -26,14 +26,11 @@ from pipelines import config as config_lib
 from pipelines import sharding
 from pipelines.checkpoint import Checkpointer, abstract
 from pipelines.data import loader
+from pipelines.errors import NonFiniteLossError
 from pipelines.metrics import MetricsWriter
 from pipelines.optim import optimizer, schedule
 from zoo import interface
 from zoo.layers import remat
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss or gradient norm became NaN/inf; the run stops without checkpointing it."""
 
 
 @dataclasses.dataclass

@@ -77,11 +77,12 @@ def test_remat_keeps_the_forward_and_its_gradient(family):
 
     fn = jax.jit(jax.value_and_grad(loss))
     text = str(jax.make_jaxpr(jax.grad(loss))(params))
-    return fn(params), ("remat" in text or "checkpoint" in text)
+    return fn(params), text.count("checkpoint") + text.count("remat")
 
-  (plain, g0), plain_has = loss_and_grad(None)
-  (full, g1), full_has = loss_and_grad("full")
-  assert full_has and not plain_has  # the option changes the program ...
+  (plain, g0), plain_count = loss_and_grad(None)
+  (full, g1), full_count = loss_and_grad("full")
+  # Some ops checkpoint inside themselves; the option adds one boundary per block.
+  assert full_count > plain_count  # the option changes the program ...
   np.testing.assert_allclose(float(full), float(plain), rtol=1e-6)  # ... not the numbers
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
