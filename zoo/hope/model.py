@@ -11,9 +11,9 @@ from flax import nnx
 from zoo.hope.cms import CMSLevel
 from zoo.hope.config import HopeConfig
 from zoo.interface import ZooModel
+from zoo.layers.embedding import TokenEmbedding
 from zoo.layers.neural_memory import NeuralMemory, memory_hidden
 from zoo.layers.norms import RMSNorm
-from zoo.layers.params import dtype_of, normal, param
 from zoo.layers.remat import RematBlock, checkpointed
 
 
@@ -69,7 +69,7 @@ class HopeBlock(RematBlock, nnx.Module):
     }
 
 
-class Hope(ZooModel):
+class Hope(TokenEmbedding, ZooModel):
   """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``.
 
   ``aux["cms_drift"]`` is ``[L, levels]``: how far each CMS level's weights moved in context
@@ -80,23 +80,12 @@ class Hope(ZooModel):
   def __init__(self, config: HopeConfig, *, rngs: nnx.Rngs):
     c = config
     self.config = c
-    self.embed = param(rngs, normal(0.02), (c.vocab_size, c.d_model), ("vocab", "embed"))
+    self.init_embedding(c, rngs=rngs)
     self.blocks = nnx.List([HopeBlock(c, rngs=rngs) for _ in range(c.n_layers)])
-    self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs)
-    if not c.tie_embeddings:
-      self.unembed = param(rngs, normal(0.02), (c.d_model, c.vocab_size), ("embed", "vocab"))
-
-  @property
-  def dtype(self):
-    return dtype_of(self.config.dtype)
-
-  def logits(self, x: jax.Array) -> jax.Array:
-    x = self.final_norm(x)
-    w = self.embed[...].T if self.config.tie_embeddings else self.unembed[...]
-    return jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    self.init_output(c, rngs=rngs)
 
   def _run(self, tokens, states):
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    x = self.embed_tokens(tokens)
     new = []
     for i, block in enumerate(self.blocks):
       x, s = block(x, None if states is None else states[i])

@@ -23,9 +23,9 @@ import ops.attention as attn_ops
 from ops.attention import Mask
 from zoo.interface import ZooModel
 from zoo.layers.attention import Attention
+from zoo.layers.embedding import TokenEmbedding
 from zoo.layers.mlp import SwiGLU
 from zoo.layers.norms import RMSNorm
-from zoo.layers.params import dtype_of, normal, param
 from zoo.layers.positions import document_positions
 from zoo.layers.remat import RematBlock, checkpointed
 
@@ -163,7 +163,7 @@ class Block(RematBlock, nnx.Module):
     return x, state
 
 
-class RecurrentLM(ZooModel):
+class RecurrentLM(TokenEmbedding, ZooModel):
   """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``.
 
   Subclasses build their mixers and call ``super().__init__(config, mixers, rngs=rngs)``; the
@@ -173,25 +173,14 @@ class RecurrentLM(ZooModel):
   def __init__(self, config: Any, mixers: Sequence[nnx.Module], *, rngs: nnx.Rngs):
     c = config
     self.config = c
-    self.embed = param(rngs, normal(0.02), (c.vocab_size, c.d_model), ("vocab", "embed"))
+    self.init_embedding(c, rngs=rngs)
     self.blocks = nnx.List([Block(c.d_model, m, c.d_ff, c.norm_eps, rngs=rngs) for m in mixers])
-    self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs)
-    if not c.tie_embeddings:
-      self.unembed = param(rngs, normal(0.02), (c.d_model, c.vocab_size), ("embed", "vocab"))
-
-  @property
-  def dtype(self):
-    return dtype_of(self.config.dtype)
+    self.init_output(c, rngs=rngs)
 
   def state_size(self) -> int | None:
     """Floats of recall state per sequence over all layers (None if some layer grows with T)."""
     sizes = [b.mixer.state_size() for b in self.blocks]
     return None if any(s is None for s in sizes) else sum(sizes)
-
-  def _logits(self, x: jax.Array) -> jax.Array:
-    x = self.final_norm(x)
-    w = self.embed[...].T if self.config.tie_embeddings else self.unembed[...]
-    return jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
   def __call__(
     self, tokens: jax.Array, segment_ids: jax.Array | None = None, *, prefix_len: int | None = None
@@ -202,7 +191,7 @@ class RecurrentLM(ZooModel):
     Returns: ``(logits [B,T,vocab] float32, {"layers": [per-layer aux dict]})``.
     """
     positions = document_positions(tokens.shape, segment_ids)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    x = self.embed_tokens(tokens)
     layer_aux = []
     for block in self.blocks:
       kw = {"positions": positions, "segment_ids": segment_ids}
@@ -210,7 +199,7 @@ class RecurrentLM(ZooModel):
         kw["prefix_len"] = prefix_len
       x, aux = block(x, **kw)
       layer_aux.append(aux)
-    return self._logits(x), {"layers": layer_aux}
+    return self.logits(x), {"layers": layer_aux}
 
   def init_state(self, batch: int, max_len: int | None = None) -> dict[str, Any]:
     """Empty decode state: per-layer mixer states and the per-sequence lengths."""
@@ -228,7 +217,7 @@ class RecurrentLM(ZooModel):
     ``prefix=True`` (JRT-RNN models, first call only) encodes the chunk as a non-causal prompt.
     """
     lengths = state["lengths"]
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    x = self.embed_tokens(tokens)
     new_states = []
     for block, s in zip(self.blocks, state["layers"]):
       kw = {"lengths": lengths}
@@ -236,4 +225,4 @@ class RecurrentLM(ZooModel):
         kw["prefix"] = True
       x, s = block.step(x, s, **kw)
       new_states.append(s)
-    return self._logits(x), {"lengths": lengths + tokens.shape[1], "layers": new_states}
+    return self.logits(x), {"lengths": lengths + tokens.shape[1], "layers": new_states}

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo.interface import ZooModel
-from zoo.layers.norms import RMSNorm
-from zoo.layers.params import dtype_of, normal, param
+from zoo.layers.embedding import TokenEmbedding
+from zoo.layers.params import param
 from zoo.titans.blocks import SequenceBlock, persistent_init
 from zoo.titans.config import TitansConfig
 from zoo.titans.mac import MACBlock
@@ -25,7 +25,7 @@ def _memory_norms(states: list[dict[str, Any]]) -> jax.Array:
   return jnp.stack(norms)
 
 
-class Titans(ZooModel):
+class Titans(TokenEmbedding, ZooModel):
   """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``.
 
   For mag/mal/lmm the ``n_persistent`` learned tokens are a prefix of every sequence (the
@@ -38,33 +38,19 @@ class Titans(ZooModel):
   def __init__(self, config: TitansConfig, *, rngs: nnx.Rngs):
     c = config
     self.config = c
-    self.embed = param(rngs, normal(0.02), (c.vocab_size, c.d_model), ("vocab", "embed"))
+    self.init_embedding(c, rngs=rngs)
     if c.variant == "mac":
       self.blocks = nnx.List([MACBlock(c, rngs=rngs) for _ in range(c.n_layers)])
     else:
       self.blocks = nnx.List([SequenceBlock(c, rngs=rngs) for _ in range(c.n_layers)])
       if c.n_persistent:
         self.persistent = param(rngs, persistent_init, (c.n_persistent, c.d_model), (None, "embed"))
-    self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs)
-    if not c.tie_embeddings:
-      self.unembed = param(rngs, normal(0.02), (c.d_model, c.vocab_size), ("embed", "vocab"))
-
-  @property
-  def dtype(self):
-    return dtype_of(self.config.dtype)
+    self.init_output(c, rngs=rngs)
 
   @property
   def n_prefix(self) -> int:
     """Persistent tokens in front of the sequence (0 for mac)."""
     return 0 if self.config.variant == "mac" else self.config.n_persistent
-
-  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-
-  def logits(self, x: jax.Array) -> jax.Array:
-    x = self.final_norm(x)
-    w = self.embed[...].T if self.config.tie_embeddings else self.unembed[...]
-    return jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
   def _prefix(self, batch: int) -> jax.Array:
     return jnp.broadcast_to(

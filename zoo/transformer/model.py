@@ -12,9 +12,9 @@ from ops.attention import Mask
 from zoo.interface import ZooModel
 from zoo.layers import parallel
 from zoo.layers.attention import Attention
+from zoo.layers.embedding import TokenEmbedding
 from zoo.layers.mlp import SwiGLU
 from zoo.layers.norms import RMSNorm
-from zoo.layers.params import dtype_of, normal, param
 from zoo.layers.positions import document_positions
 from zoo.layers.remat import RematBlock, checkpointed
 from zoo.transformer.config import TransformerConfig
@@ -52,33 +52,15 @@ class Block(RematBlock, nnx.Module):
     return x + self.mlp(self.mlp_norm(x)), cache
 
 
-class Transformer(ZooModel):
+class Transformer(TokenEmbedding, ZooModel):
   """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``."""
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     c = config
     self.config = c
-    self.embed = param(rngs, normal(0.02), (c.vocab_size, c.d_model), ("vocab", "embed"))
+    self.init_embedding(c, rngs=rngs)
     self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.n_layers)])
-    self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs)
-    if not c.tie_embeddings:
-      self.unembed = param(rngs, normal(0.02), (c.d_model, c.vocab_size), ("embed", "vocab"))
-
-  @property
-  def dtype(self):
-    return dtype_of(self.config.dtype)
-
-  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
-
-  def logits(self, x: jax.Array) -> jax.Array:
-    """Final norm and output projection; float32 logits ``[B,T,vocab]``."""
-    x = self.final_norm(x)
-    if self.config.tie_embeddings:
-      w = self.embed[...].T  # tied, as in Hugging Face Llama checkpoints
-    else:
-      w = self.unembed[...]
-    return jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    self.init_output(c, rngs=rngs)
 
   def __call__(
     self,
