@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from pipelines.config import ConfigError
+from pipelines.rundir import RunLockedError
 
 DEFAULT_DEMO = "configs/demo.yaml"
 
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"memzoo: config error: {e}", file=sys.stderr)
     return 2
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, FloatingPointError, RunLockedError) as e:
+    # Expected failures (bad input, corrupt files, a locked run, a non-finite step): one line.
     print(f"memzoo: error: {e}", file=sys.stderr)
     return 2
 
