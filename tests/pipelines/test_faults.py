@@ -310,3 +310,39 @@ def test_resume_marker_drops_records_of_the_crashed_tail(tmp_path):
   w.close()
   assert [r["step"] for r in read(path)] == [1, 2, 3, 4, 5]
   assert read(path)[-1] == {"step": 5, "loss": 0.5}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [3, 6])
+def test_kill_9_during_training_resumes_to_the_uninterrupted_result(tmp_path, kill_after):
+  """A real SIGKILL of ``memzoo train`` (async saves every step, so the kill can land inside a
+  save or between a save and its manifest); the resumed run equals an uninterrupted one."""
+  import signal
+  import time
+
+  over = {"steps": 10, "checkpoint_every": 1, "async_checkpoint": True}
+  straight = train(experiment(tmp_path, "straight", train=over))
+  exp = experiment(tmp_path, "killed", train=over)
+  config = tmp_path / "exp.yaml"
+  config.write_text(yaml.safe_dump(exp.to_dict()))
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "pipelines.cli", "train", str(config)], cwd=ROOT, env=env
+  )
+  metrics = Path(exp.run_dir) / "metrics.jsonl"
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(read(metrics)) >= kill_after:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run finished before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  resumed = train(exp)
+  for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  steps = [r["step"] for r in read(metrics)]
+  assert steps == list(range(1, 11))
+  want = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in straight.history]
+  got = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read(metrics)]
+  assert got == want
