@@ -32,7 +32,7 @@ MANIFEST = "sha256.json"
 MANIFEST_FORMAT = "memzoo-checkpoint-sha256"
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(FileNotFoundError):
   """No step of a run could be restored intact (each step's problem is named)."""
 
 
@@ -240,7 +240,7 @@ class Checkpointer:
     if set_aside:
       return None
     raise CorruptCheckpointError(
-      f"no intact checkpoint in {self.directory}: " + "; ".join(problems or ["no steps"])
+      f"no restorable checkpoint in {self.directory}: " + "; ".join(problems or ["no steps"])
     )
 
   def wait(self) -> None:

@@ -277,6 +277,9 @@ def import_hf(directory: str | Path, run_dir: str | Path, **sections: Any) -> Pa
   hf_cfg, tensors = read_hf(directory)
   model_section = config_from_hf(hf_cfg, str(directory / "config.json"))
   raw = {"model": model_section, "run_dir": str(run_dir), "mesh": {"data": 1}, **sections}
+  # data.seq_len may not exceed model.max_len: a short model trains at its own maximum.
+  seq_len = min(config_lib.DataConfig().seq_len, model_section["max_len"])
+  raw["data"] = {"seq_len": seq_len, **(sections.get("data") or {})}
   exp = config_lib.from_dict(raw, source=str(directory / "config.json"))
   weights = from_hf_weights(tensors, exp.model, str(directory))
   graphdef, params, rest = build_model(exp)
