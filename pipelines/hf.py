@@ -22,7 +22,14 @@ import numpy as np
 from flax import nnx
 
 from pipelines import config as config_lib
-from pipelines.export import CorruptFileError, assign_params, flat_params, read_safetensors
+from pipelines.export import (
+  CHECKSUMS,
+  CorruptFileError,
+  assign_params,
+  flat_params,
+  read_safetensors,
+  verify_checksums,
+)
 
 ARCHITECTURES = {
   "LlamaForCausalLM": "llama",
@@ -228,6 +235,8 @@ def read_hf(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray
     raise FileNotFoundError(
       f"{directory} has no config.json; is it a Hugging Face model directory?"
     )
+  if (directory / CHECKSUMS).is_file():  # a memzoo export: its files must match
+    verify_checksums(directory)
   hf_cfg = json.loads((directory / "config.json").read_text())
   files = sorted(directory.glob("*.safetensors"))
   if not files:

@@ -205,6 +205,19 @@ def test_interrupted_export_is_refused(tmp_path, trained_run):
     export.load_safetensors(out)
 
 
+def test_hf_export_with_a_flipped_bit_is_refused_on_import(tmp_path, trained_run):
+  from pipelines import hf
+
+  out = export.export(trained_run.run_dir, "hf", tmp_path / "hf")
+  bit_flip_file = out / "model.safetensors"
+  data = bytearray(bit_flip_file.read_bytes())
+  data[-3] ^= 0x10
+  bit_flip_file.write_bytes(bytes(data))
+  with pytest.raises(export.CorruptFileError, match="SHA-256"):
+    hf.import_hf(out, tmp_path / "imported")
+  assert not (tmp_path / "imported" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_huge_lr_never_puts_nonfinite_parameters_on_disk(tmp_path, mode):
   # lr=1e39 is inf in float32: loss and gradient at the old parameters are finite, the update
