@@ -10,6 +10,8 @@ field of that family's config. ``key=value`` overrides on the command line use d
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -104,6 +106,10 @@ class TrainConfig:
     for name in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    # .nan compares False with everything, so it would pass every range check below.
+    for name in ("lr", "min_lr_ratio", "weight_decay", "b1", "b2", "grad_clip"):
+      if not math.isfinite(getattr(self, name)):
+        raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
     if self.lr <= 0:
       raise ValueError(f"lr must be > 0, got {self.lr}")
     if self.warmup_steps < 0 or self.eval_every < 0 or self.eval_batches < 0:
@@ -127,7 +133,11 @@ class EvalConfig:
   temperature: float = 0.8
 
   def __post_init__(self):
-    if self.batches < 1 or self.sample_tokens < 0 or self.temperature < 0:
+    if (
+      self.batches < 1
+      or self.sample_tokens < 0
+      or not (math.isfinite(self.temperature) and self.temperature >= 0)
+    ):
       raise ValueError("eval.batches >= 1, sample_tokens >= 0 and temperature >= 0 are required")
 
 
@@ -178,7 +188,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     if "=" not in item:
       raise ConfigError(f"override {item!r} is not of the form key=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    try:
+      value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+      raise ConfigError(f"override {item!r}: {_yaml_problem(e)}") from None
     node = out
     parts = key.strip().split(".")
     for p in parts[:-1]:
@@ -205,13 +218,32 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Experiment:
   if not path.is_file():
     raise ConfigError(f"config file not found: {path}")
   try:
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+  except UnicodeDecodeError:
+    raise ConfigError(f"{path}: not a UTF-8 text file") from None
   except yaml.YAMLError as e:
-    raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+  if raw is None or raw == {}:
+    # An empty file would otherwise train the default 200-step run into runs/default.
+    raise ConfigError(
+      f"{path}: the config is empty; give at least run_dir and a model (see configs/*.yaml)"
+    )
   if not isinstance(raw, dict):
     raise ConfigError(f"{path}: the top level must be a mapping of sections")
   raw = merge(raw, parse_overrides(overrides or []))
   return from_dict(raw, source=str(path))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+  """One line for a YAML error: where, and what (python tags are named as refused)."""
+  mark = getattr(err, "problem_mark", None)
+  where = f"line {mark.line + 1}: " if mark is not None else ""
+  problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+  tag = re.search(r"tag '([^']+)'", problem)
+  if tag:
+    short = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+    return f"{where}the tag {short} is refused (configs hold plain values; tags are never run)"
+  return f"{where}{problem}"
 
 
 def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Experiment:
@@ -248,6 +280,12 @@ def _cross_checks(exp: Experiment) -> None:
       f"{exp.source}: model.vocab_size={vocab} is smaller than the byte tokenizer's "
       f"{VOCAB_SIZE} ids; token ids would fall outside the vocabulary"
     )
+  max_len = getattr(exp.model, "max_len", None)
+  if max_len is not None and exp.data.seq_len > max_len:
+    raise ConfigError(
+      f"{exp.source}: data.seq_len={exp.data.seq_len} is longer than the model's "
+      f"max_len={max_len}; lower data.seq_len or raise model.max_len"
+    )
 
 
 def _unknown(source: str, path: str, key: str, valid: list[str]) -> None:
@@ -283,7 +321,10 @@ def _model(source: str, values: Any) -> Any:
   except ValueError as e:
     raise ConfigError(f"{source}: model.name: {e}") from None
   if preset not in cfg:
-    _unknown(source, "model.preset", preset, list(cfg))
+    # A misspelt value (not a key): suggest the preset itself, not a dotted path.
+    hint = closest(str(preset), list(cfg))
+    suffix = f"; did you mean {hint!r}?" if hint else f"; valid presets: {sorted(cfg)}"
+    raise ConfigError(f"{source}: unknown model.preset {preset!r} for {name!r}{suffix}")
   valid = field_names(cfg[preset]())
   for key in values:
     if key not in valid or key == "family":
@@ -308,5 +349,7 @@ def _explain(source: str, section: str, err: pydantic.ValidationError) -> str:
 
 
 def dump(exp: Experiment, path: str | Path) -> None:
-  """Writes the resolved config as YAML (what the run actually used)."""
-  Path(path).write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
+  """Writes the resolved config as YAML (what the run actually used), atomically."""
+  from pipelines.rundir import atomic_write_text
+
+  atomic_write_text(path, yaml.safe_dump(exp.to_dict(), sort_keys=False))

@@ -10,6 +10,7 @@ from pipelines import evaluate, report
 from pipelines.data.tokenizer import ByteTokenizer
 from pipelines.generate import generate
 from pipelines.metrics import read
+from pipelines.rundir import atomic_write_text
 from pipelines.train import load_run, train
 
 
@@ -26,7 +27,7 @@ def write_report(run_dir: str | Path) -> Path:
   history = read(run_dir / "metrics.jsonl")
   plot = report.loss_curve(history, run_dir / "loss.png", f"{exp.model.family}: training loss")
   ev = evaluate.heldout(run_dir)
-  (run_dir / "eval.json").write_text(json.dumps(ev, indent=2))
+  atomic_write_text(run_dir / "eval.json", json.dumps(ev, indent=2))
   tok = ByteTokenizer()
   samples = []
   if exp.eval.sample_tokens:
@@ -60,6 +61,6 @@ def write_report(run_dir: str | Path) -> Path:
     body += ["", "### Sample", "", "```", *samples, "```"]
   out = run_dir / "report.md"
   if not out.exists():
-    out.write_text(f"# memzoo run report: `{run_dir.name}`\n\n")
+    atomic_write_text(out, f"# memzoo run report: `{run_dir.name}`\n\n")
   report.write_section(out, "Training and held-out evaluation", "\n".join(body))
   return out

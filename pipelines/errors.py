@@ -34,7 +34,8 @@ class UnsupportedModelError(InputError):
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
-  """The loss, gradient norm or updated parameters became NaN/inf; nothing non-finite is saved."""
+  """A step's loss, gradient, update or new parameters became NaN/inf; the run stops without
+  checkpointing it."""
 
   exit_code = 3
   label = "training diverged"

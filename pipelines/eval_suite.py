@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import evaluate, report
+from pipelines.rundir import atomic_write_text
 from pipelines.streaming import ChunkedRunner
 from pipelines.tasks import evaluate as evaluate_task
 from pipelines.tasks import get as get_task
@@ -86,7 +87,7 @@ def run(run_dir: str | Path, suite: str = "all", *, n: int = 32, batches: int | 
     out["heldout"] = evaluate.heldout(run_dir, batches=batches)
   if suite in ("synthetic", "all"):
     out["synthetic"] = synthetic(run_dir, n=n)
-  (run_dir / "eval.json").write_text(json.dumps(out, indent=2))
+  atomic_write_text(run_dir / "eval.json", json.dumps(out, indent=2))
   body = []
   if "heldout" in out:
     h = out["heldout"]
@@ -104,7 +105,7 @@ def run(run_dir: str | Path, suite: str = "all", *, n: int = 32, batches: int | 
     body += [report.markdown_table(out["synthetic"], ["task", "length", "accuracy", "n", "chance"])]
   path = run_dir / "report.md"
   if not path.exists():
-    path.write_text(f"# memzoo run report: `{run_dir.name}`\n\n")
+    atomic_write_text(path, f"# memzoo run report: `{run_dir.name}`\n\n")
   report.write_section(path, f"Evaluation suite: {suite}", "\n".join(body))
   return out
 

@@ -2,7 +2,9 @@
 
 ``memzoo export RUN --format safetensors`` writes ``model.safetensors`` with memzoo's own
 parameter names (``blocks.0.attn.wq``) and a ``config.json`` holding the experiment and the
-file's SHA-256, so a flipped bit is refused on reload. ``--format hf`` is in ``pipelines.hf``.
+file's SHA-256, so a flipped bit is refused on reload. Every export directory also gets a
+``checksums.json`` (the SHA-256 of each file written, itself written last), verified on load;
+parameters are checked finite before anything is written. ``--format hf`` is in ``pipelines.hf``.
 ``--format stablehlo`` serialises ``jax.export`` artifacts of the forward pass and of one decode
 step; both take the weights as a ``{name: array}`` argument (read them from the safetensors file
 written beside them), so serving needs neither the zoo's Python code nor Flax.
@@ -11,6 +13,7 @@ written beside them), so serving needs neither the zoo's Python code nor Flax.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,11 @@ from flax import nnx
 
 from pipelines import config as config_lib
 from pipelines.errors import CorruptFileError
+from pipelines.rundir import atomic_write_bytes, atomic_write_text
 
 FORMAT = "memzoo-safetensors"
+CHECKSUMS = "checksums.json"
+CHECKSUMS_FORMAT = "memzoo-export-sha256"
 FORMATS = ("safetensors", "hf", "stablehlo")
 
 
@@ -66,6 +72,60 @@ def sha256(path: str | Path) -> str:
   return h.hexdigest()
 
 
+def write_checksums(directory: str | Path) -> Path:
+  """Writes ``directory/checksums.json``: the SHA-256 of every other file under it."""
+  directory = Path(directory)
+  files = {
+    f.relative_to(directory).as_posix(): sha256(f)
+    for f in sorted(directory.rglob("*"))
+    if f.is_file() and f.name != CHECKSUMS and not f.name.endswith(".tmp")
+  }
+  body = {"format": CHECKSUMS_FORMAT, "version": 1, "files": files}
+  atomic_write_text(directory / CHECKSUMS, json.dumps(body, indent=1) + "\n")
+  return directory / CHECKSUMS
+
+
+def verify_checksums(directory: str | Path) -> None:
+  """Checks every file listed in ``directory/checksums.json``.
+
+  Raises:
+    CorruptFileError: no manifest (an interrupted or foreign export), or a file that is missing
+      or whose SHA-256 does not match.
+  """
+  directory = Path(directory)
+  path = directory / CHECKSUMS
+  if not path.is_file():
+    raise CorruptFileError(
+      f"{directory}: no {CHECKSUMS} (the export was interrupted or predates checksums); "
+      "export the run again"
+    )
+  try:
+    body = json.loads(path.read_text())
+    files = body["files"]
+    if body.get("format") != CHECKSUMS_FORMAT or not isinstance(files, dict):
+      raise ValueError("not a checksum manifest")
+  except (OSError, ValueError, KeyError, TypeError):
+    raise CorruptFileError(f"{path}: unreadable checksum manifest") from None
+  for rel, want in files.items():
+    f = directory / rel
+    if not f.is_file():
+      raise CorruptFileError(f"{f}: listed in {CHECKSUMS} but missing")
+    if sha256(f) != want:
+      raise CorruptFileError(
+        f"{f}: SHA-256 does not match {CHECKSUMS} (the file is corrupt or was replaced)"
+      )
+
+
+def check_finite(weights: dict[str, np.ndarray], source: str) -> None:
+  """Raises CorruptFileError naming the tensors of ``weights`` that hold NaN/inf."""
+  bad = [
+    n for n, w in weights.items() if np.issubdtype(w.dtype, np.inexact) and not np.isfinite(w).all()
+  ]
+  if bad:
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    raise CorruptFileError(f"{source}: non-finite values in {', '.join(bad[:3])}{more}")
+
+
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
   """All tensors of a safetensors file as numpy arrays.
 
@@ -85,13 +145,21 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def save_safetensors(model: nnx.Module, exp: config_lib.Experiment, out: str | Path, step: int):
-  """Writes ``out/model.safetensors`` and ``out/config.json``; returns ``out``."""
-  from safetensors.numpy import save_file
+  """Writes ``out/model.safetensors``, ``out/config.json`` and ``out/checksums.json``; returns
+  ``out``.
+
+  Raises:
+    CorruptFileError: the parameters hold NaN/inf (nothing is written).
+  """
+  from safetensors.numpy import save
 
   out = Path(out)
-  out.mkdir(parents=True, exist_ok=True)
   weights = flat_params(model)
-  save_file(weights, str(out / "model.safetensors"), metadata={"format": FORMAT})
+  check_finite(weights, "refusing to export: the model")
+  out.mkdir(parents=True, exist_ok=True)
+  # A stale manifest would vouch for a half-written export: it goes first and comes back last.
+  (out / CHECKSUMS).unlink(missing_ok=True)
+  atomic_write_bytes(out / "model.safetensors", save(weights, metadata={"format": FORMAT}))
   meta = {
     "format": FORMAT,
     "version": 1,
@@ -99,7 +167,8 @@ def save_safetensors(model: nnx.Module, exp: config_lib.Experiment, out: str | P
     "sha256": sha256(out / "model.safetensors"),
     "experiment": exp.to_dict(),
   }
-  (out / "config.json").write_text(json.dumps(meta, indent=2))
+  atomic_write_text(out / "config.json", json.dumps(meta, indent=2))
+  write_checksums(out)
   return out
 
 
@@ -112,6 +181,7 @@ def load_safetensors(directory: str | Path) -> tuple[config_lib.Experiment, nnx.
   from pipelines.train import build_model
 
   directory = Path(directory)
+  verify_checksums(directory)
   meta = json.loads((directory / "config.json").read_text())
   if meta.get("format") != FORMAT:
     raise CorruptFileError(f"{directory}/config.json is not a {FORMAT} export")
@@ -121,6 +191,7 @@ def load_safetensors(directory: str | Path) -> tuple[config_lib.Experiment, nnx.
       f"{path}: SHA-256 does not match config.json (the file is corrupt or was replaced)"
     )
   weights = read_safetensors(path)
+  check_finite(weights, str(path))
   exp = config_lib.from_dict(meta["experiment"], source=str(directory / "config.json"))
   graphdef, params, rest = build_model(exp)
   model = nnx.merge(graphdef, params, rest)
@@ -177,16 +248,26 @@ def export_stablehlo(
   one = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
   dec = jax.export.export(jax.jit(decode_step), platforms=platforms)(weights, one, state_spec)
   paths = {"forward": out / "forward.stablehlo", "decode_step": out / "decode_step.stablehlo"}
-  paths["forward"].write_bytes(fwd.serialize())
-  paths["decode_step"].write_bytes(dec.serialize())
+  (out / CHECKSUMS).unlink(missing_ok=True)
+  atomic_write_bytes(paths["forward"], fwd.serialize())
+  atomic_write_bytes(paths["decode_step"], dec.serialize())
   leaves = jax.tree.leaves(state)
   paths["decode_state"] = out / "decode_state.npz"
-  np.savez(paths["decode_state"], *[np.asarray(x) for x in leaves])
+  buf = io.BytesIO()
+  np.savez(buf, *[np.asarray(x) for x in leaves])
+  atomic_write_bytes(paths["decode_state"], buf.getvalue())
+  write_checksums(out)
   return paths
 
 
 def load_stablehlo(path: str | Path) -> jax.export.Exported:
-  """Deserialises an artifact; call it with ``exported.call(weights, *args)``."""
+  """Deserialises an artifact (after checking the ``checksums.json`` beside it); call it with
+  ``exported.call(weights, *args)``.
+
+  Raises:
+    CorruptFileError: the artifact or a file beside it fails its checksum.
+  """
+  verify_checksums(Path(path).parent)
   return jax.export.deserialize(bytearray(Path(path).read_bytes()))
 
 
@@ -197,14 +278,19 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None, **kwargs: A
 
   if fmt not in FORMATS:
     raise ValueError(f"unknown export format {fmt!r}; use one of {FORMATS}")
-  exp, model, step = load_run(run)
+  exp, model, step = load_run(run)  # verifies the checkpoint's checksums and finiteness
+  check_finite(flat_params(model), f"refusing to export {run}: the parameters")
   out = Path(out) if out is not None else Path(run) / "export" / fmt
   if fmt == "safetensors":
     return save_safetensors(model, exp, out, step)
   if fmt == "hf":
     from pipelines import hf
 
-    return hf.export_hf(model, out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CHECKSUMS).unlink(missing_ok=True)
+    out = hf.export_hf(model, out)
+    write_checksums(out)
+    return out
   save_safetensors(model, exp, out, step)
   export_stablehlo(model, out, seq_len=kwargs.get("seq_len", exp.data.seq_len))
   return out

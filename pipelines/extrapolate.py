@@ -21,6 +21,7 @@ from flax import nnx
 import zoo
 from pipelines import plots, report
 from pipelines.data import loader
+from pipelines.rundir import atomic_write_text
 from pipelines.streaming import ChunkedRunner
 from pipelines.tasks import evaluate as evaluate_task
 from pipelines.tasks import grid
@@ -159,7 +160,7 @@ def run(
       "perplexity": per_length,
       "passkey": passkey_grid(vm, list(depths), pk_lengths, passkey_examples, chunk),
     }
-  (run_dir / "extrapolation.json").write_text(json.dumps(results))
+  atomic_write_text(run_dir / "extrapolation.json", json.dumps(results))
   write_report(run_dir, results)
   return results
 
@@ -195,5 +196,5 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> None:
   ]
   out = run_dir / "report.md"
   if not out.exists():
-    out.write_text(f"# memzoo run report: `{run_dir.name}`\n\n")
+    atomic_write_text(out, f"# memzoo run report: `{run_dir.name}`\n\n")
   report.write_section(out, "Length extrapolation", "\n".join(body))

@@ -23,7 +23,14 @@ from flax import nnx
 
 from pipelines import config as config_lib
 from pipelines.errors import UnsupportedModelError
-from pipelines.export import CorruptFileError, assign_params, flat_params, read_safetensors
+from pipelines.export import (
+  CHECKSUMS,
+  CorruptFileError,
+  assign_params,
+  flat_params,
+  read_safetensors,
+  verify_checksums,
+)
 
 ARCHITECTURES = {
   "LlamaForCausalLM": "llama",
@@ -225,6 +232,8 @@ def read_hf(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray
     raise FileNotFoundError(
       f"{directory} has no config.json; is it a Hugging Face model directory?"
     )
+  if (directory / CHECKSUMS).is_file():  # a memzoo export: its files must match
+    verify_checksums(directory)
   hf_cfg = json.loads((directory / "config.json").read_text())
   files = sorted(directory.glob("*.safetensors"))
   if not files:
@@ -274,6 +283,9 @@ def import_hf(directory: str | Path, run_dir: str | Path, **sections: Any) -> Pa
   hf_cfg, tensors = read_hf(directory)
   model_section = config_from_hf(hf_cfg, str(directory / "config.json"))
   raw = {"model": model_section, "run_dir": str(run_dir), "mesh": {"data": 1}, **sections}
+  # data.seq_len may not exceed model.max_len: a short model trains at its own maximum.
+  seq_len = min(config_lib.DataConfig().seq_len, model_section["max_len"])
+  raw["data"] = {"seq_len": seq_len, **(sections.get("data") or {})}
   exp = config_lib.from_dict(raw, source=str(directory / "config.json"))
   weights = from_hf_weights(tensors, exp.model, str(directory))
   graphdef, params, rest = build_model(exp)

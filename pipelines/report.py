@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipelines.rundir import atomic_write_text
+
 
 def loss_curve(history: list[dict[str, Any]], path: Path, title: str) -> Path:
   """Training loss (and held-out loss where measured) against step."""
@@ -41,7 +43,7 @@ def write_section(report: Path, heading: str, body: str) -> None:
     text = text[:start] + section + (text[nxt + 1 :] if nxt != -1 else "")
   else:
     text = text + section
-  report.write_text(text)
+  atomic_write_text(report, text)
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 import zoo
 from pipelines import config as config_lib
-from pipelines import sharding
+from pipelines import rundir, sharding
 from pipelines.checkpoint import Checkpointer, abstract
 from pipelines.data import loader
 from pipelines.errors import NonFiniteLossError
@@ -31,6 +32,8 @@ from pipelines.metrics import MetricsWriter
 from pipelines.optim import optimizer, schedule
 from zoo import interface
 from zoo.layers import remat
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -109,9 +112,11 @@ def make_train_step(
     loss = total / count
     grads = jax.tree.map(lambda g: g / count, grads)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
+    # Finite loss and gradients are not enough: a huge learning rate turns a finite gradient
+    # into an inf/NaN update, so the new parameters and optimizer state are checked too.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((new_params, new_opt_state))
     # A non-finite step never changes the state (the host then stops or skips, by config).
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     params = keep(new_params, params)
@@ -121,6 +126,11 @@ def make_train_step(
 
   options = remat.compiler_options(cfg.remat_policy) or None
   return sharding.in_mesh(jax.jit(step, donate_argnums=(0, 1), compiler_options=options), mesh)
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def make_eval_step(graphdef, rest, mesh: jax.sharding.Mesh | None = None):
@@ -155,15 +165,52 @@ def train(
     exp: the validated experiment.
     on_step: called after every step with (step, metrics) on the host; tests use it to
       interrupt a run.
+
+  Raises:
+    rundir.RunDirError: the run directory cannot be created or written.
+    rundir.RunLockedError: another live ``memzoo train`` holds the run directory.
   """
+  run_dir = rundir.prepare(exp.run_dir)
+  lock = _lock_run(run_dir)
+  try:
+    return _train(exp, run_dir, on_step)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _lock_run(run_dir: Path) -> rundir.RunLock | None:
+  """Process 0 locks the run directory before anything in it is written; in a multi-host run
+  every process learns whether it did, so all stop together."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = rundir.RunLock(run_dir).acquire()
+    except rundir.RunLockedError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not ok and error is None:
+      error = rundir.RunLockedError(
+        f"run directory {str(run_dir)!r} is in use by another run (process 0 could not lock it)"
+      )
+  if error is not None:
+    raise error
+  return lock
+
+
+def _train(exp: config_lib.Experiment, run_dir: Path, on_step) -> TrainResult:
   cfg = exp.train
-  run_dir = Path(exp.run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  config_lib.dump(exp, run_dir / "config.yaml")
+  primary = jax.process_index() == 0
+  if primary:
+    config_lib.dump(exp, run_dir / "config.yaml")
 
   # Data: the corpus manifest is part of the run's record.
   data = loader.build(exp.data, vocab_size=exp.model.vocab_size)
-  (run_dir / "data.json").write_text(json.dumps(data.manifest, indent=2))
+  if primary:
+    rundir.atomic_write_text(run_dir / "data.json", json.dumps(data.manifest, indent=2))
 
   # Model, optimizer and mesh.
   mesh = sharding.make_mesh(exp.mesh)
@@ -188,12 +235,18 @@ def train(
   it = iter(loader.train_dataset(data.train, exp.data.batch_size, exp.seed))
   start = 0
   if ckpt.latest_step() is not None:
-    start, state, data_state, _ = ckpt.restore(abstract({"params": params, "opt": opt_state}))
-    params, opt_state = state["params"], sharding.place_state(state["opt"], mesh)
-    if data_state is not None:
-      it.set_state(data_state)
+    # A step that fails its checksums or holds NaN is moved aside (this run holds the lock), so
+    # the run goes on from the previous one and can save that step number again.
+    restored = ckpt.restore(abstract({"params": params, "opt": opt_state}), set_aside=True)
+    if restored is None:
+      log.warning("no intact checkpoint left in %s; training from step 0", ckpt.directory)
+    else:
+      start, state, data_state, _ = restored
+      params, opt_state = state["params"], sharding.place_state(state["opt"], mesh)
+      if data_state is not None:
+        it.set_state(data_state)
   # Every process sees the same (global) metrics; one writes them.
-  if jax.process_index() == 0:
+  if primary:
     metrics_out = MetricsWriter(run_dir, resume_step=start)
   else:
     metrics_out = _NoMetrics()
@@ -217,9 +270,10 @@ def train(
       params, opt_state, m = train_step(params, opt_state, put(batch))
       if cfg.on_nonfinite == "stop" and not bool(m["finite"]):
         raise NonFiniteLossError(
-          f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
-          f"grad_norm={float(m['grad_norm'])}); stopping without a checkpoint. Lower train.lr, "
-          "or set train.on_nonfinite=skip to drop such steps."
+          f"non-finite loss, gradient or update at step {step} (loss={float(m['loss'])}, "
+          f"grad_norm={float(m['grad_norm'])}); stopping without checkpointing it (saved steps "
+          "hold finite parameters). Lower train.lr, or set train.on_nonfinite=skip to drop "
+          "such steps."
         )
       skipped = skipped + (~m["finite"]).astype(jnp.int32)
       last_tokens = last_tokens + m["tokens"]
@@ -252,6 +306,7 @@ def train(
           it.get_state(),
           {"step": step, "model": exp.model.family},
         )
+      ckpt.poll()
       bar.update(1)
       if on_step is not None:
         on_step(step, {"loss": float(m["loss"])})

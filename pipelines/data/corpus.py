@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".json", ".yaml", ".yml", ".toml", ".c", ".h")
 
@@ -81,7 +84,8 @@ def jsonl_corpus(paths: Sequence[str], field: str = "text", max_documents: int =
     if not path.is_file():
       raise FileNotFoundError(f"data.paths: {path} does not exist")
     with path.open(encoding="utf-8") as f:
-      for lineno, line in enumerate(f, 1):
+      lines = _utf8_lines(path, f)
+      for lineno, line in enumerate(lines, 1):
         if not line.strip():
           continue
         try:
@@ -106,12 +110,24 @@ def _from_files(files: list[Path], root: Path | None, source: str, max_documents
   if max_documents:
     files = files[:max_documents]
   docs = []
+  bad: list[tuple[Path, int]] = []
   h = hashlib.sha256()
   for f in files:
     data = f.read_bytes()
     name = str(f.relative_to(root)) if root else str(f)
     h.update(name.encode() + b"\0" + data + b"\0")
-    docs.append(Document(name, data.decode("utf-8", errors="replace")))
+    text, invalid = _decode(f, data)
+    if invalid:
+      bad.append((f, invalid))
+    docs.append(Document(name, text))
+  if bad:
+    # One line for the corpus; a mostly-invalid file was already refused by _decode.
+    log.warning(
+      "%d corpus file(s) hold invalid UTF-8 bytes, read as U+FFFD (%s%s)",
+      len(bad),
+      ", ".join(f"{p}: {n}" for p, n in bad[:2]),
+      ", ..." if len(bad) > 2 else "",
+    )
   manifest = {
     "source": source,
     "root": str(root) if root else None,
@@ -121,3 +137,36 @@ def _from_files(files: list[Path], root: Path | None, source: str, max_documents
     "sha256": h.hexdigest(),
   }
   return Corpus(tuple(docs), manifest)
+
+
+_CONTROL = bytes([*range(0, 9), *range(14, 32), 127])
+
+
+def _decode(path: Path, data: bytes) -> tuple[str, int]:
+  """(UTF-8 text, invalid byte count) of a corpus file; refused if it is mostly not text.
+
+  Raises:
+    ValueError: binary data (NUL bytes, as in images or UTF-16) or mostly invalid UTF-8.
+  """
+  text = data.decode("utf-8", errors="replace")
+  if not data:
+    return text, 0
+  invalid = len(data) - len(data.decode("utf-8", errors="ignore").encode("utf-8"))
+  # Control bytes other than whitespace (NUL in UTF-16 or images, ...) count as not text.
+  control = len(data) - len(data.translate(None, _CONTROL))
+  if (invalid + control) * 2 > len(data):
+    raise ValueError(
+      f"data.paths: {path} is not UTF-8 text ({invalid + control:,} of its {len(data):,} bytes "
+      "are invalid UTF-8 or control bytes); remove it or convert it to UTF-8"
+    )
+  return text, invalid
+
+
+def _utf8_lines(path: Path, f):
+  """The lines of a text file opened as UTF-8, streamed; invalid UTF-8 is one clear error."""
+  try:
+    yield from f
+  except UnicodeDecodeError as e:
+    raise ValueError(
+      f"data.paths: {path} is not UTF-8 text (invalid byte at offset {e.start})"
+    ) from None

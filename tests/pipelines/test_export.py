@@ -78,6 +78,9 @@ def test_corrupt_safetensors_is_refused(tmp_path, model_and_exp):
   meta = json.loads((tmp_path / "config.json").read_text())
   meta["sha256"] = export.sha256(path)
   (tmp_path / "config.json").write_text(json.dumps(meta))
+  with pytest.raises(export.CorruptFileError, match="SHA-256 does not match checksums.json"):
+    export.load_safetensors(tmp_path)
+  export.write_checksums(tmp_path)
   with pytest.raises(export.CorruptFileError, match="truncated"):
     export.load_safetensors(tmp_path)
 
