@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ops.memory import gated_delta_rule, init_memory, neural_memory
+from pipelines.errors import InputError
 
 ATTENTION = "attention"
 
@@ -140,7 +141,7 @@ def bench_memory(
     ``skipped`` (a reason, or None).
   """
   if op not in ("gated_delta", "neural"):
-    raise ValueError(f"unknown op {op!r}; choose 'gated_delta' or 'neural'")
+    raise InputError(f"unknown op {op!r}; choose 'gated_delta' or 'neural'")
   argnums = (0, 1, 2, 3, 4) if op == "neural" else (0, 1, 2)
   rows = []
   for name in implementations:

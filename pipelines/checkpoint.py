@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from pipelines.errors import MissingFileError, UserError
+from pipelines.errors import InputError, MissingFileError, UserError
 from pipelines.rundir import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def verify_step(step_dir: Path) -> str | None:
     manifest = json.loads(path.read_text())
     files = manifest["files"]
     if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict) or not files:
-      raise ValueError("not a checksum manifest")
+      raise InputError("not a checksum manifest")
   except (OSError, ValueError, KeyError, TypeError) as e:
     return f"checksum manifest unreadable ({type(e).__name__})"
   for rel, want in files.items():
@@ -221,7 +221,7 @@ class Checkpointer:
             }
             out = self.manager.restore(s, args=ocp.args.Composite(**args))
           except Exception as e:  # noqa: BLE001 - files verified: the target does not fit
-            raise ValueError(
+            raise InputError(
               f"checkpoint step {s} in {self.directory} is intact but does not fit this "
               f"model ({type(e).__name__}: {str(e).splitlines()[0][:200]}); was the model "
               "config changed?"

@@ -19,7 +19,7 @@ import pydantic
 import yaml
 
 import zoo
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, InputError
 from zoo.configbase import closest, config_dataclass, field_names
 
 
@@ -50,13 +50,13 @@ class DataConfig:
 
   def __post_init__(self):
     if self.seq_len < 2:
-      raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+      raise InputError(f"seq_len must be >= 2, got {self.seq_len}")
     if self.batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+      raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
     if not 0.0 < self.heldout_fraction < 1.0:
-      raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+      raise InputError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
     if self.source != "stdlib" and not self.paths:
-      raise ValueError(f"source={self.source!r} needs paths")
+      raise InputError(f"source={self.source!r} needs paths")
 
 
 @config_dataclass
@@ -105,15 +105,15 @@ class TrainConfig:
   def __post_init__(self):
     for name in ("steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
       if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
     # .nan compares False with everything, so it would pass every range check below.
     for name in ("lr", "min_lr_ratio", "weight_decay", "b1", "b2", "grad_clip"):
       if not math.isfinite(getattr(self, name)):
-        raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        raise InputError(f"{name} must be a finite number, got {getattr(self, name)}")
     if self.lr <= 0:
-      raise ValueError(f"lr must be > 0, got {self.lr}")
+      raise InputError(f"lr must be > 0, got {self.lr}")
     if self.warmup_steps < 0 or self.eval_every < 0 or self.eval_batches < 0:
-      raise ValueError("warmup_steps, eval_every and eval_batches must be >= 0")
+      raise InputError("warmup_steps, eval_every and eval_batches must be >= 0")
 
 
 @config_dataclass
@@ -138,7 +138,7 @@ class EvalConfig:
       or self.sample_tokens < 0
       or not (math.isfinite(self.temperature) and self.temperature >= 0)
     ):
-      raise ValueError("eval.batches >= 1, sample_tokens >= 0 and temperature >= 0 are required")
+      raise InputError("eval.batches >= 1, sample_tokens >= 0 and temperature >= 0 are required")
 
 
 @config_dataclass

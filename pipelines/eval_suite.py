@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import evaluate, report
+from pipelines.errors import InputError
 from pipelines.rundir import atomic_write_text
 from pipelines.streaming import ChunkedRunner
 from pipelines.tasks import evaluate as evaluate_task
@@ -80,7 +81,7 @@ def synthetic(run_dir: str | Path, *, factors=(1, 2, 4), n: int = 32) -> list[di
 def run(run_dir: str | Path, suite: str = "all", *, n: int = 32, batches: int | None = None):
   """Runs a suite, writes ``eval.json`` and the report section; returns the results."""
   if suite not in SUITES:
-    raise ValueError(f"unknown suite {suite!r}; choose from {SUITES}")
+    raise InputError(f"unknown suite {suite!r}; choose from {SUITES}")
   run_dir = Path(run_dir)
   out: dict[str, Any] = {}
   if suite in ("heldout", "all"):

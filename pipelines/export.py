@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from pipelines import config as config_lib
-from pipelines.errors import CorruptFileError
+from pipelines.errors import CorruptFileError, InputError, MissingFileError
 from pipelines.rundir import atomic_write_bytes, atomic_write_text
 
 FORMAT = "memzoo-safetensors"
@@ -103,7 +103,7 @@ def verify_checksums(directory: str | Path) -> None:
     body = json.loads(path.read_text())
     files = body["files"]
     if body.get("format") != CHECKSUMS_FORMAT or not isinstance(files, dict):
-      raise ValueError("not a checksum manifest")
+      raise InputError("not a checksum manifest")
   except (OSError, ValueError, KeyError, TypeError):
     raise CorruptFileError(f"{path}: unreadable checksum manifest") from None
   for rel, want in files.items():
@@ -137,7 +137,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"no safetensors file at {path}")
+    raise MissingFileError(f"no safetensors file at {path}")
   try:
     return load_file(str(path))
   except (SafetensorError, ValueError, OSError) as e:
@@ -277,7 +277,7 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None, **kwargs: A
   from pipelines.train import load_run
 
   if fmt not in FORMATS:
-    raise ValueError(f"unknown export format {fmt!r}; use one of {FORMATS}")
+    raise InputError(f"unknown export format {fmt!r}; use one of {FORMATS}")
   exp, model, step = load_run(run)  # verifies the checkpoint's checksums and finiteness
   check_finite(flat_params(model), f"refusing to export {run}: the parameters")
   out = Path(out) if out is not None else Path(run) / "export" / fmt

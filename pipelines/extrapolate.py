@@ -21,6 +21,7 @@ from flax import nnx
 import zoo
 from pipelines import plots, report
 from pipelines.data import loader
+from pipelines.errors import InputError
 from pipelines.rundir import atomic_write_text
 from pipelines.streaming import ChunkedRunner
 from pipelines.tasks import evaluate as evaluate_task
@@ -46,7 +47,7 @@ def variant_config(cfg: Any, name: str, train_len: int, max_len: int) -> Any:
     pass
   elif name in ROPE_VARIANTS:
     if "rope_scaling" not in fields:
-      raise ValueError(f"model {cfg.family!r} has no RoPE to scale (variant {name!r})")
+      raise InputError(f"model {cfg.family!r} has no RoPE to scale (variant {name!r})")
     from zoo.layers.rope import RopeScaling
 
     kw: dict[str, Any] = {"kind": name, "factor": factor, "original_max_len": train_len}
@@ -55,11 +56,11 @@ def variant_config(cfg: Any, name: str, train_len: int, max_len: int) -> Any:
     changes["rope_scaling"] = RopeScaling(**kw)
   elif name in POLICY_VARIANTS:
     if "window" not in fields:
-      raise ValueError(f"model {cfg.family!r} has no attention window (variant {name!r})")
+      raise InputError(f"model {cfg.family!r} has no attention window (variant {name!r})")
     sinks = SINKS if name == "sinks_window" else 0
     changes.update(window=train_len - sinks, sinks=sinks)
   else:
-    raise ValueError(
+    raise InputError(
       f"unknown variant {name!r}; choose from none, {', '.join(ROPE_VARIANTS + POLICY_VARIANTS)}"
     )
   return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if k in fields})

@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from pipelines.errors import InputError
 from zoo.interface import LanguageModel
 
 
@@ -26,11 +27,11 @@ def generate(
   """
   prompt = np.asarray(prompt, np.int32)
   if prompt.ndim != 2 or prompt.shape[1] < 1:
-    raise ValueError(f"prompt must be [B, P] with P >= 1, got shape {prompt.shape}")
+    raise InputError(f"prompt must be [B, P] with P >= 1, got shape {prompt.shape}")
   batch, plen = prompt.shape
   max_len = plen + num_tokens
   if max_len > model.max_len and not model.unbounded_decode:
-    raise ValueError(
+    raise InputError(
       f"prompt ({plen}) + num_tokens ({num_tokens}) exceeds the model's max_len={model.max_len}"
     )
   graphdef, state = nnx.split(model)

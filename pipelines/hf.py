@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from pipelines import config as config_lib
-from pipelines.errors import UnsupportedModelError
+from pipelines.errors import MissingFileError, UnsupportedModelError
 from pipelines.export import (
   CHECKSUMS,
   CorruptFileError,
@@ -229,15 +229,13 @@ def read_hf(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray
   """(config.json dict, all tensors) of an HF directory (one or several safetensors shards)."""
   directory = Path(directory)
   if not (directory / "config.json").is_file():
-    raise FileNotFoundError(
-      f"{directory} has no config.json; is it a Hugging Face model directory?"
-    )
+    raise MissingFileError(f"{directory} has no config.json; is it a Hugging Face model directory?")
   if (directory / CHECKSUMS).is_file():  # a memzoo export: its files must match
     verify_checksums(directory)
   hf_cfg = json.loads((directory / "config.json").read_text())
   files = sorted(directory.glob("*.safetensors"))
   if not files:
-    raise FileNotFoundError(f"{directory} has no *.safetensors weights (PyTorch .bin is not read)")
+    raise MissingFileError(f"{directory} has no *.safetensors weights (PyTorch .bin is not read)")
   tensors: dict[str, np.ndarray] = {}
   for f in files:
     tensors.update(read_safetensors(f))

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -75,7 +77,7 @@ def read(path: str | Path) -> list[dict[str, Any]]:
     try:
       record = json.loads(raw.decode("utf-8"))
       if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
+        raise InputError("not a JSON object")
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
       log.warning("%s:%d: skipped a bad line (%s)", path, lineno, type(e).__name__)
       continue

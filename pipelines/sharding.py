@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pipelines.config import MeshConfig
+from pipelines.errors import InputError
 from zoo.layers import parallel
 from zoo.layers.parallel import LAYOUTS, MESH_AXES, layout_name, rules
 
@@ -51,17 +52,17 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   devices = list(devices if devices is not None else jax.devices())
   sizes = [cfg.data, cfg.fsdp, cfg.tensor, cfg.context]
   if sum(s == -1 for s in sizes) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise InputError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh: sizes must be >= 1 or -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise InputError(f"mesh: sizes must be >= 1 or -1, got {dict(zip(MESH_AXES, sizes))}")
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"mesh: {len(devices)} devices are not divisible by {known}")
+      raise InputError(f"mesh: {len(devices)} devices are not divisible by {known}")
     sizes[sizes.index(-1)] = len(devices) // known
   need = int(np.prod(sizes))
   if need > len(devices):
-    raise ValueError(
+    raise InputError(
       f"mesh {dict(zip(MESH_AXES, sizes))} needs {need} devices; {len(devices)} are available"
     )
   # A mesh smaller than the machine uses the first devices (e.g. data=1 for a 1-device run).

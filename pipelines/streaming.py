@@ -12,6 +12,8 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from pipelines.errors import InputError
+
 
 class ChunkedRunner:
   """Feeds ``tokens [B, n]`` through ``model.step`` ``chunk`` tokens at a time.
@@ -21,7 +23,7 @@ class ChunkedRunner:
 
   def __init__(self, model: nnx.Module, chunk: int):
     if chunk < 1:
-      raise ValueError(f"chunk must be >= 1, got {chunk}")
+      raise InputError(f"chunk must be >= 1, got {chunk}")
     self.model, self.chunk = model, chunk
     self.graphdef, self.state = nnx.split(model)
 

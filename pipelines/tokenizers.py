@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.errors import InputError, MissingFileError
+
 
 class HFTokenizer:
   """A ``tokenizers.Tokenizer`` with ``encode(text, bos=, eos=) -> int32 [n]`` and ``decode``."""
@@ -24,7 +26,7 @@ class HFTokenizer:
     try:
       self._tok = Tokenizer.from_file(str(self.path))
     except Exception as e:  # noqa: BLE001 - the Rust error types are not importable
-      raise ValueError(f"{self.path}: not a readable tokenizer.json: {e}") from None
+      raise InputError(f"{self.path}: not a readable tokenizer.json: {e}") from None
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     special = special or {}
     self.bos_id = self._id(special.get("bos_token"), ("<s>", "<|begin_of_text|>", "<|endoftext|>"))
@@ -45,7 +47,7 @@ class HFTokenizer:
     ids = self._tok.encode(text, add_special_tokens=False).ids
     for flag, tid, name in ((bos, self.bos_id, "bos"), (eos, self.eos_id, "eos")):
       if flag and tid is None:
-        raise ValueError(f"{self.path} defines no {name} token")
+        raise InputError(f"{self.path} defines no {name} token")
     ids = ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
     return np.asarray(ids, np.int32)
 
@@ -97,7 +99,7 @@ def load(path: str | Path) -> HFTokenizer:
       return HFTokenizer(path / "tokenizer.json", special)
     if (path / "tokenizer.model").is_file():
       return SentencePieceTokenizer(path / "tokenizer.model")
-    raise FileNotFoundError(f"{path} has neither tokenizer.json nor tokenizer.model")
+    raise MissingFileError(f"{path} has neither tokenizer.json nor tokenizer.model")
   if path.suffix == ".model":
     return SentencePieceTokenizer(path)
   return HFTokenizer(path, special)

@@ -27,7 +27,7 @@ from pipelines import config as config_lib
 from pipelines import rundir, sharding
 from pipelines.checkpoint import Checkpointer, abstract
 from pipelines.data import loader
-from pipelines.errors import NonFiniteLossError
+from pipelines.errors import MissingFileError, NonFiniteLossError
 from pipelines.metrics import MetricsWriter
 from pipelines.optim import optimizer, schedule
 from zoo import interface
@@ -335,7 +335,7 @@ def load_run(run_dir: str | Path, step: int | None = None):
   ckpt = Checkpointer(run_dir, async_save=False)
   try:
     if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"{run_dir} has no checkpoint")
+      raise MissingFileError(f"{run_dir} has no checkpoint")
     tx = optimizer(exp.train)
     target = abstract({"params": params, "opt": tx.init(params)})
     s, state, _, _ = ckpt.restore(target, step)

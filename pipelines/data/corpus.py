@@ -14,6 +14,8 @@ import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipelines.errors import InputError, MissingFileError
+
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".json", ".yaml", ".yml", ".toml", ".c", ".h")
@@ -40,7 +42,7 @@ class Corpus:
       # Tiny corpora: keep the split non-empty on both sides.
       docs = list(self.documents)
       if len(docs) < 2:
-        raise ValueError("a corpus needs at least 2 documents for a train/held-out split")
+        raise InputError("a corpus needs at least 2 documents for a train/held-out split")
       n = max(1, round(len(docs) * heldout_fraction))
       return docs[n:], docs[:n]
     return train, heldout
@@ -70,9 +72,9 @@ def text_corpus(paths: Sequence[str], max_documents: int = 0) -> Corpus:
     elif p.is_file():
       files.append(p)
     else:
-      raise FileNotFoundError(f"data.paths: {p} does not exist")
+      raise MissingFileError(f"data.paths: {p} does not exist")
   if not files:
-    raise ValueError(f"data.paths {list(paths)} hold no text files ({', '.join(TEXT_SUFFIXES)})")
+    raise InputError(f"data.paths {list(paths)} hold no text files ({', '.join(TEXT_SUFFIXES)})")
   return _from_files(files, None, "text", max_documents)
 
 
@@ -82,7 +84,7 @@ def jsonl_corpus(paths: Sequence[str], field: str = "text", max_documents: int =
   h = hashlib.sha256()
   for path in map(Path, paths):
     if not path.is_file():
-      raise FileNotFoundError(f"data.paths: {path} does not exist")
+      raise MissingFileError(f"data.paths: {path} does not exist")
     with path.open(encoding="utf-8") as f:
       lines = _utf8_lines(path, f)
       for lineno, line in enumerate(lines, 1):
@@ -91,16 +93,16 @@ def jsonl_corpus(paths: Sequence[str], field: str = "text", max_documents: int =
         try:
           record = json.loads(line)
         except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{lineno}: not valid JSON: {e}") from None
+          raise InputError(f"{path}:{lineno}: not valid JSON: {e}") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
-          raise ValueError(f"{path}:{lineno}: no string field {field!r}")
+          raise InputError(f"{path}:{lineno}: no string field {field!r}")
         name = f"{path}:{lineno}"
         docs.append(Document(name, record[field]))
         h.update(name.encode() + b"\0" + record[field].encode() + b"\0")
         if max_documents and len(docs) >= max_documents:
           break
   if not docs:
-    raise ValueError(f"no documents in {list(paths)}")
+    raise InputError(f"no documents in {list(paths)}")
   manifest = {"source": "jsonl", "files": len(paths), "documents": len(docs)}
   manifest.update(bytes=sum(len(d.text.encode()) for d in docs), sha256=h.hexdigest())
   return Corpus(tuple(docs), manifest)
@@ -155,7 +157,7 @@ def _decode(path: Path, data: bytes) -> tuple[str, int]:
   # Control bytes other than whitespace (NUL in UTF-16 or images, ...) count as not text.
   control = len(data) - len(data.translate(None, _CONTROL))
   if (invalid + control) * 2 > len(data):
-    raise ValueError(
+    raise InputError(
       f"data.paths: {path} is not UTF-8 text ({invalid + control:,} of its {len(data):,} bytes "
       "are invalid UTF-8 or control bytes); remove it or convert it to UTF-8"
     )
@@ -167,6 +169,6 @@ def _utf8_lines(path: Path, f):
   try:
     yield from f
   except UnicodeDecodeError as e:
-    raise ValueError(
+    raise InputError(
       f"data.paths: {path} is not UTF-8 text (invalid byte at offset {e.start})"
     ) from None

@@ -13,6 +13,7 @@ from pipelines.config import DataConfig
 from pipelines.data import corpus as corpora
 from pipelines.data.packing import PackedSequences, check_vocab, pack, unigram_bits_per_byte
 from pipelines.data.tokenizer import ByteTokenizer
+from pipelines.errors import InputError
 
 
 @dataclasses.dataclass
@@ -62,7 +63,7 @@ def train_dataset(source: PackedSequences, batch_size: int, seed: int) -> grain.
   """
   n_proc, proc = jax.process_count(), jax.process_index()
   if batch_size % n_proc:
-    raise ValueError(f"data.batch_size={batch_size} must be divisible by {n_proc} processes")
+    raise InputError(f"data.batch_size={batch_size} must be divisible by {n_proc} processes")
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   ds = ds.batch(batch_size, drop_remainder=True)
   if n_proc > 1:
@@ -81,5 +82,5 @@ def heldout_batches(
       break
     out.append({k: np.stack([it[k] for it in items]) for k in items[0]})
   if not out:
-    raise ValueError(f"held-out split has {len(source)} sequences: fewer than one batch")
+    raise InputError(f"held-out split has {len(source)} sequences: fewer than one batch")
   return out

@@ -15,12 +15,13 @@ import numpy as np
 
 from pipelines.data.corpus import Document
 from pipelines.data.tokenizer import ByteTokenizer
+from pipelines.errors import InputError
 
 
 def pack(documents: Sequence[Document], tokenizer: ByteTokenizer) -> tuple[np.ndarray, np.ndarray]:
   """Returns (tokens ``[N]`` uint16, document index ``[N]`` int32) of the concatenated stream."""
   if not documents:
-    raise ValueError("no documents to pack")
+    raise InputError("no documents to pack")
   pieces = [tokenizer.encode(d.text, bos=True, eos=True) for d in documents]
   tokens = np.concatenate(pieces).astype(np.uint16)
   doc_ids = np.repeat(np.arange(len(pieces), dtype=np.int32), [len(p) for p in pieces])
@@ -30,7 +31,7 @@ def pack(documents: Sequence[Document], tokenizer: ByteTokenizer) -> tuple[np.nd
 def check_vocab(tokens: np.ndarray, vocab_size: int, what: str = "data") -> None:
   """Token ids must index the model's embedding table."""
   if tokens.size and (int(tokens.max()) >= vocab_size or int(tokens.min()) < 0):
-    raise ValueError(
+    raise InputError(
       f"{what}: token ids span [{int(tokens.min())}, {int(tokens.max())}] but the model's "
       f"vocab_size is {vocab_size}"
     )
@@ -44,11 +45,11 @@ class PackedSequences:
 
   def __init__(self, tokens: np.ndarray, doc_ids: np.ndarray, seq_len: int):
     if len(tokens) != len(doc_ids):
-      raise ValueError("tokens and doc_ids differ in length")
+      raise InputError("tokens and doc_ids differ in length")
     self.tokens, self.doc_ids, self.seq_len = tokens, doc_ids, seq_len
     self._len = (len(tokens) - 1) // seq_len
     if self._len < 1:
-      raise ValueError(f"only {len(tokens)} tokens: too few for one sequence of {seq_len}")
+      raise InputError(f"only {len(tokens)} tokens: too few for one sequence of {seq_len}")
 
   def __len__(self) -> int:
     return self._len

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.data.tokenizer import BOS, PAD, VOCAB_SIZE, ByteTokenizer
+from pipelines.errors import InputError
 
 Example = dict[str, Any]
 
@@ -60,13 +61,13 @@ class Builder:
     full = np.concatenate(self._ids)
     spans = np.concatenate(self._spans)
     if full.size > length + 1:
-      raise ValueError(f"example needs {full.size - 1} tokens but length={length}")
+      raise InputError(f"example needs {full.size - 1} tokens but length={length}")
     pad = length + 1 - full.size
     segment = np.concatenate([np.ones(full.size, np.int32), np.zeros(pad, np.int32)])
     full = np.concatenate([full, np.full(pad, PAD, np.int32)])
     spans = np.concatenate([spans, np.zeros(pad, np.int32)])[1:]
     if self.num_spans == 0:
-      raise ValueError("an example needs at least one answer span")
+      raise InputError("an example needs at least one answer span")
     out = {
       "inputs": full[:-1],
       "targets": full[1:],
@@ -95,9 +96,9 @@ class TaskSource:
 
   def __init__(self, *, length: int, seed: int = 0, num_examples: int = 10_000):
     if int(length) < 2:
-      raise ValueError(f"{self.name}: length must be >= 2, got {length}")
+      raise InputError(f"{self.name}: length must be >= 2, got {length}")
     if int(num_examples) < 1:
-      raise ValueError(f"{self.name}: num_examples must be >= 1, got {num_examples}")
+      raise InputError(f"{self.name}: num_examples must be >= 1, got {num_examples}")
     self.length = int(length)
     self.seed = int(seed)
     self.num_examples = int(num_examples)
@@ -127,16 +128,16 @@ def check_range(name: str, token_range: tuple[int, int], size: int) -> tuple[int
   """Validates a ``[lo, hi)`` token range inside the vocab holding at least ``size`` ids."""
   lo, hi = (int(t) for t in token_range)
   if not 0 <= lo < hi <= VOCAB_SIZE:
-    raise ValueError(f"{name}: token_range {token_range} must lie in [0, {VOCAB_SIZE})")
+    raise InputError(f"{name}: token_range {token_range} must lie in [0, {VOCAB_SIZE})")
   if hi - lo < size:
-    raise ValueError(f"{name}: token_range {token_range} has {hi - lo} ids, needs {size}")
+    raise InputError(f"{name}: token_range {token_range} has {hi - lo} ids, needs {size}")
   return lo, hi
 
 
 def check_depth(name: str, depth: float | None) -> float | None:
   """``None`` (uniform random per example) or a fraction of the filler in ``[0, 1]``."""
   if depth is not None and not 0.0 <= float(depth) <= 1.0:
-    raise ValueError(f"{name}: depth must be in [0, 1] or None, got {depth}")
+    raise InputError(f"{name}: depth must be in [0, 1] or None, got {depth}")
   return None if depth is None else float(depth)
 
 
@@ -144,9 +145,9 @@ def check_corpus(name: str, corpus: np.ndarray) -> np.ndarray:
   """Validates a haystack corpus: a non-empty 1-D array of byte token ids."""
   corpus = np.asarray(corpus)
   if corpus.ndim != 1 or corpus.size == 0 or not np.issubdtype(corpus.dtype, np.integer):
-    raise ValueError(f"{name}: corpus must be a non-empty 1-D integer array, got {corpus.shape}")
+    raise InputError(f"{name}: corpus must be a non-empty 1-D integer array, got {corpus.shape}")
   if corpus.min() < 0 or corpus.max() >= VOCAB_SIZE:
-    raise ValueError(f"{name}: corpus ids must lie in [0, {VOCAB_SIZE})")
+    raise InputError(f"{name}: corpus ids must lie in [0, {VOCAB_SIZE})")
   return corpus.astype(np.int32)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.data.tokenizer import EOS
+from pipelines.errors import InputError
 from pipelines.tasks.base import (
   Builder,
   Example,
@@ -61,15 +62,15 @@ class FactChain(TaskSource):
   ):
     super().__init__(length=length, seed=seed, num_examples=num_examples)
     if int(hops) not in (1, 2, 3):
-      raise ValueError(f"fact_chain: hops must be 1, 2 or 3, got {hops}")
+      raise InputError(f"fact_chain: hops must be 1, 2 or 3, got {hops}")
     if int(num_moves) < 1 or int(num_distractors) < 0:
-      raise ValueError(f"fact_chain: bad num_moves={num_moves}/num_distractors={num_distractors}")
+      raise InputError(f"fact_chain: bad num_moves={num_moves}/num_distractors={num_distractors}")
     self.hops, self.num_moves = int(hops), int(num_moves)
     self.num_distractors = int(num_distractors)
     self.corpus = None if corpus is None else check_corpus(self.name, corpus)
     need = 2 + self._longest_story()
     if need > self.length + 1:
-      raise ValueError(f"fact_chain: length must be >= {need - 1}, got {self.length}")
+      raise InputError(f"fact_chain: length must be >= {need - 1}, got {self.length}")
 
   @property
   def chance(self) -> float:
@@ -129,7 +130,7 @@ class FactChain(TaskSource):
     tail = encode(f"\nQuestion: {question}\nAnswer: ")
     size = self.length + 1 - 2 - sum(p.size for p in pieces) - tail.size - len(answer)
     if size < 0:
-      raise ValueError(f"fact_chain: length {self.length} too short for this story")
+      raise InputError(f"fact_chain: length {self.length} too short for this story")
     offsets = np.sort(rng.integers(0, size + 1, len(pieces)))
     hay = haystack(rng, size, self.corpus)
     tokens, starts, _ = insert(hay, pieces, list(offsets))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.data.tokenizer import SEP
+from pipelines.errors import InputError
 from pipelines.tasks.base import Builder, Example, TaskSource, check_range
 
 
@@ -52,17 +53,17 @@ class MQAR(TaskSource):
     self.num_pairs = int(num_pairs)
     self.num_queries = self.num_pairs if num_queries is None else int(num_queries)
     if self.num_pairs < 1 or not 1 <= self.num_queries <= self.num_pairs:
-      raise ValueError(f"mqar: need 1 <= num_queries <= num_pairs, got {num_queries}, {num_pairs}")
+      raise InputError(f"mqar: need 1 <= num_queries <= num_pairs, got {num_queries}, {num_pairs}")
     self.lo, self.hi = check_range(self.name, token_range, 2 * self.num_pairs)
     self.mid = (self.lo + self.hi) // 2
     if self.lo <= gap_token < self.hi:
-      raise ValueError(f"mqar: gap_token {gap_token} must lie outside token_range {token_range}")
+      raise InputError(f"mqar: gap_token {gap_token} must lie outside token_range {token_range}")
     self.gap_token = int(gap_token)
     need = 2 * (self.num_pairs + self.num_queries)
     if need > self.length:
-      raise ValueError(f"mqar: length must be >= {need}, got {self.length}")
+      raise InputError(f"mqar: length must be >= {need}, got {self.length}")
     if power_a is not None and not 0 < power_a <= 1:
-      raise ValueError(f"mqar: power_a must lie in (0, 1] (1 = uniform slots), got {power_a}")
+      raise InputError(f"mqar: power_a must lie in (0, 1] (1 = uniform slots), got {power_a}")
     self.power_a = power_a
 
   @property

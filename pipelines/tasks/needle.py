@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.data.tokenizer import EOS
+from pipelines.errors import InputError
 from pipelines.tasks.base import (
   Builder,
   Example,
@@ -86,7 +87,7 @@ class Needle(TaskSource):
   ):
     super().__init__(length=length, seed=seed, num_examples=num_examples)
     if variant not in VARIANTS:
-      raise ValueError(f"needle: variant must be one of {VARIANTS}, got {variant!r}")
+      raise InputError(f"needle: variant must be one of {VARIANTS}, got {variant!r}")
     self.variant = variant
     self.corpus = check_corpus(self.name, corpus)
     self.depth = check_depth(self.name, depth)
@@ -96,11 +97,11 @@ class Needle(TaskSource):
     )
     self.value_digits = int(value_digits)
     if not 1 <= self.num_needles <= len(KEYS):
-      raise ValueError(f"needle: num_needles must be in [1, {len(KEYS)}], got {num_needles}")
+      raise InputError(f"needle: num_needles must be in [1, {len(KEYS)}], got {num_needles}")
     if not 1 <= self.num_queries <= self.num_needles:
-      raise ValueError(f"needle: num_queries must be in [1, num_needles], got {num_queries}")
+      raise InputError(f"needle: num_queries must be in [1, num_needles], got {num_queries}")
     if self.value_digits < 1:
-      raise ValueError(f"needle: value_digits must be >= 1, got {value_digits}")
+      raise InputError(f"needle: value_digits must be >= 1, got {value_digits}")
     longest = max(KEYS, key=len)
     value = "0" * self.value_digits
     self._max_fixed = (
@@ -110,7 +111,7 @@ class Needle(TaskSource):
       + len(encode(", ".join([value] * self.num_queries)))
     )
     if self._max_fixed > self.length + 1:
-      raise ValueError(f"needle: length must be >= {self._max_fixed - 1}, got {self.length}")
+      raise InputError(f"needle: length must be >= {self._max_fixed - 1}, got {self.length}")
 
   @property
   def chance(self) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.data.tokenizer import EOS
+from pipelines.errors import InputError
 from pipelines.tasks.base import (
   Builder,
   Example,
@@ -54,13 +55,13 @@ class Passkey(TaskSource):
   ):
     super().__init__(length=length, seed=seed, num_examples=num_examples)
     if int(num_digits) < 1:
-      raise ValueError(f"passkey: num_digits must be >= 1, got {num_digits}")
+      raise InputError(f"passkey: num_digits must be >= 1, got {num_digits}")
     self.num_digits = int(num_digits)
     self.depth = check_depth(self.name, depth)
     self.corpus = None if corpus is None else check_corpus(self.name, corpus)
     self._fixed = 2 + len(encode(_needle("0" * self.num_digits) + _QUESTION)) + self.num_digits
     if self._fixed > self.length + 1:
-      raise ValueError(f"passkey: length must be >= {self._fixed - 1}, got {self.length}")
+      raise InputError(f"passkey: length must be >= {self._fixed - 1}, got {self.length}")
 
   @property
   def chance(self) -> float:

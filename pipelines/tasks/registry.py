@@ -7,6 +7,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from pipelines.errors import InputError
 from pipelines.tasks.base import TaskSource
 from pipelines.tasks.fact_chain import FactChain
 from pipelines.tasks.mqar import MQAR
@@ -63,7 +64,7 @@ def grid(
     ``len(lengths) * len(depths)`` cells.
   """
   if not depths or not lengths:
-    raise ValueError("grid: depths and lengths must be non-empty")
+    raise InputError("grid: depths and lengths must be non-empty")
   return [
     Cell(float(d), int(n), get(name, length=int(n), depth=float(d), **params))
     for n in lengths

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.errors import InputError
+
 
 def score(pred_ids: np.ndarray, batch: Mapping[str, Any]) -> np.ndarray:
   """Per-example accuracy: the fraction of answer spans predicted exactly.
@@ -28,14 +30,14 @@ def score(pred_ids: np.ndarray, batch: Mapping[str, Any]) -> np.ndarray:
   pred = np.asarray(pred_ids)
   targets, spans = np.asarray(batch["targets"]), np.asarray(batch["answer_spans"])
   if pred.shape != targets.shape or spans.shape != targets.shape:
-    raise ValueError(
+    raise InputError(
       f"pred_ids {pred.shape}, targets {targets.shape} and answer_spans {spans.shape} differ"
     )
   one = pred.ndim == 1
   pred, targets, spans = np.atleast_2d(pred), np.atleast_2d(targets), np.atleast_2d(spans)
   num = int(spans.max(initial=0))
   if num == 0:
-    raise ValueError("no answer spans in the batch")
+    raise InputError("no answer spans in the batch")
   k = np.arange(1, num + 1)[:, None, None]  # [num, 1, 1]
   in_span = spans[None] == k  # [num, B, T]
   wrong = in_span & (pred != targets)[None]
@@ -68,9 +70,9 @@ def evaluate(
   """
   n, batch_size = int(n), int(batch_size)
   if not 1 <= n <= len(source):
-    raise ValueError(f"n must be in [1, {len(source)}], got {n}")
+    raise InputError(f"n must be in [1, {len(source)}], got {n}")
   if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    raise InputError(f"batch_size must be >= 1, got {batch_size}")
   total = 0.0
   for lo in range(0, n, batch_size):
     idx = [min(i, n - 1) for i in range(lo, lo + batch_size)]
@@ -78,7 +80,7 @@ def evaluate(
     batch = {k: np.stack([e[k] for e in examples]) for k in ("inputs", "targets", "answer_spans")}
     logits = np.asarray(predict_fn(batch["inputs"]))
     if logits.ndim != 3 or logits.shape[:2] != batch["inputs"].shape:
-      raise ValueError(f"predict_fn returned {logits.shape}, expected [B, T, V]")
+      raise InputError(f"predict_fn returned {logits.shape}, expected [B, T, V]")
     acc = score(logits.argmax(-1), batch)
     total += float(acc[: min(batch_size, n - lo)].sum())
   return {"accuracy": total / n, "n": n}

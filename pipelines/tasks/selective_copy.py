@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.data.tokenizer import EOS, SEP
+from pipelines.errors import InputError
 from pipelines.tasks.base import Builder, Example, TaskSource, check_range
 
 
@@ -38,11 +39,11 @@ class SelectiveCopy(TaskSource):
     self.num_tokens = int(num_tokens)
     self.lo, self.hi = check_range(self.name, token_range, 1)
     if self.lo <= blank_token < self.hi:
-      raise ValueError(f"selective_copy: blank_token {blank_token} is inside {token_range}")
+      raise InputError(f"selective_copy: blank_token {blank_token} is inside {token_range}")
     self.blank_token = int(blank_token)
     self._region = self.length - 2 - self.num_tokens
     if self.num_tokens < 1 or self._region < self.num_tokens:
-      raise ValueError(
+      raise InputError(
         f"selective_copy: length must be >= {2 + 2 * self.num_tokens} for "
         f"num_tokens={num_tokens}, got {self.length}"
       )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.data.tokenizer import EOS
+from pipelines.errors import InputError
 from pipelines.tasks.base import Builder, Example, TaskSource, check_corpus, encode, haystack
 
 _ASK = encode("\n\nWhich of these two segments came first in the text?\nA: ")
@@ -43,11 +44,11 @@ class SequenceOrder(TaskSource):
     self.corpus = check_corpus(self.name, corpus)
     self.segment_length, self.min_gap = int(segment_length), int(min_gap)
     if self.segment_length < 1 or self.min_gap < 0:
-      raise ValueError(f"sequence_order: bad segment_length={segment_length}/min_gap={min_gap}")
+      raise InputError(f"sequence_order: bad segment_length={segment_length}/min_gap={min_gap}")
     self._text = self.length + 1 - 3 - _ASK.size - _B.size - _ANSWER.size - 2 * segment_length
     self._slack = self._text - 2 * self.segment_length - self.min_gap
     if self._slack < 0:
-      raise ValueError(f"sequence_order: length must be >= {self.length - self._slack}")
+      raise InputError(f"sequence_order: length must be >= {self.length - self._slack}")
 
   @property
   def chance(self) -> float:
@@ -63,7 +64,7 @@ class SequenceOrder(TaskSource):
       if not np.array_equal(text[i : i + m], text[j : j + m]):
         break
     else:
-      raise ValueError("sequence_order: corpus too repetitive to draw distinct segments")
+      raise InputError("sequence_order: corpus too repetitive to draw distinct segments")
     a_first = rng.random() < 0.5
     seg_a, seg_b = (
       (text[i : i + m], text[j : j + m]) if a_first else (text[j : j + m], text[i : i + m])

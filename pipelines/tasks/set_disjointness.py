@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.data.tokenizer import EOS, SEP
+from pipelines.errors import InputError
 from pipelines.tasks.base import Builder, Example, TaskSource, check_range, encode
 
 ORDERS = ("small_first", "large_first", "random")
@@ -45,7 +46,7 @@ class SetDisjointness(TaskSource):
   ):
     super().__init__(length=length, seed=seed, num_examples=num_examples)
     if order not in ORDERS:
-      raise ValueError(f"set_disjointness: order must be one of {ORDERS}, got {order!r}")
+      raise InputError(f"set_disjointness: order must be one of {ORDERS}, got {order!r}")
     self.order, self.repeat = order, bool(repeat)
     self.small_size = int(small_size)
     copies = 2 if self.repeat else 1
@@ -55,12 +56,12 @@ class SetDisjointness(TaskSource):
       large_size = min(room - self.small_size, hi - lo - self.small_size)
     self.large_size = int(large_size)
     if not 1 <= self.small_size <= self.large_size:
-      raise ValueError(
+      raise InputError(
         f"set_disjointness: need 1 <= small_size <= large_size, got {small_size}, {large_size}"
         f" (length={length} leaves room for {room} elements)"
       )
     if self.small_size + self.large_size > room:
-      raise ValueError(f"set_disjointness: sets of {small_size}+{large_size} exceed {length}")
+      raise InputError(f"set_disjointness: sets of {small_size}+{large_size} exceed {length}")
     self.lo, self.hi = check_range(self.name, token_range, self.small_size + self.large_size)
 
   @property
