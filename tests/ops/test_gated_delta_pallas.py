@@ -44,18 +44,29 @@ _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _inputs(
-  T, *, K=16, V=16, H=2, decay=True, channel=False, delta=True, h0=True, dtype=jnp.float32, seed=0
+  T,
+  *,
+  K=16,
+  V=16,
+  H=2,
+  B=1,
+  decay=True,
+  channel=False,
+  delta=True,
+  h0=True,
+  dtype=jnp.float32,
+  seed=0,
 ):
   keys = jax.random.split(jax.random.PRNGKey(seed), 6)
-  q = jax.random.normal(keys[0], (1, T, H, K))
-  k = jax.random.normal(keys[1], (1, T, H, K))
+  q = jax.random.normal(keys[0], (B, T, H, K))
+  k = jax.random.normal(keys[1], (B, T, H, K))
   # Unit-norm keys as in gated DeltaNet: the delta rule is a contraction only then.
   k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-  v = jax.random.normal(keys[2], (1, T, H, V))
-  g_shape = (1, T, H, K) if channel else (1, T, H)
+  v = jax.random.normal(keys[2], (B, T, H, V))
+  g_shape = (B, T, H, K) if channel else (B, T, H)
   g = jax.nn.log_sigmoid(jax.random.normal(keys[3], g_shape) + 2.0) if decay else None
-  beta = jax.nn.sigmoid(jax.random.normal(keys[4], (1, T, H))) if delta else None
-  s = jax.random.normal(keys[5], (1, H, K, V)) if h0 else None
+  beta = jax.nn.sigmoid(jax.random.normal(keys[4], (B, T, H))) if delta else None
+  s = jax.random.normal(keys[5], (B, H, K, V)) if h0 else None
   return q.astype(dtype), k.astype(dtype), v.astype(dtype), g, beta, s
 
 
@@ -90,8 +101,15 @@ def _assert_close(name, got, want, tol):
   assert err <= tol, f"{name}: relative max error {err:.3g} > {tol}"
 
 
-def _check_against_reference(platform, T, *, dtype=jnp.float32, chunk=16, block_v=None, **kw):
-  args = _inputs(T, dtype=dtype, **kw)
+def _check_against_reference(
+  platform, T, *, dtype=jnp.float32, chunk=16, block_v=None, segment_ids=None, **kw
+):
+  """Kernel vs the step recurrence: outputs, final state and the gradient of every input.
+
+  Returns the reference output, so a caller can check that a feature changes it.
+  """
+  B = 1 if segment_ids is None else segment_ids.shape[0]
+  args = _inputs(T, dtype=dtype, B=B, **kw)
   q, _, v, _, _, _ = args
   B, _, H, K = q.shape
   V = v.shape[-1]
@@ -100,6 +118,8 @@ def _check_against_reference(platform, T, *, dtype=jnp.float32, chunk=16, block_
     jax.random.normal(jax.random.PRNGKey(8), (B, H, K, V)),
   )
   common = {"scale": K**-0.5, "chunk_size": chunk}
+  if segment_ids is not None:
+    common["segment_ids"] = segment_ids
   o, state, grads = _value_and_grads(
     KERNELS[platform], args, cts, interpret=True, block_v=block_v, **common
   )
@@ -118,6 +138,51 @@ def _check_against_reference(platform, T, *, dtype=jnp.float32, chunk=16, block_
   for i, got in grads.items():
     assert got.dtype == args[i].dtype, (names[i], got.dtype)
     _assert_close(names[i], got, grads_ref[i], tol["grad"])
+  return o_ref
+
+
+def _packed(*rows):
+  """``[B,T]`` segment ids from per-row document lengths (ids need not start at 0)."""
+  ids = [np.repeat(np.arange(len(r)) + 3 * b, r) for b, r in enumerate(rows)]
+  return jnp.asarray(np.stack(ids), jnp.int32)
+
+
+# Two rows of 3 packed documents, T = 40 (not a multiple of 16); boundaries at 11, 31 and 5, 21:
+# none at a chunk multiple, and row 1's second document spans a whole chunk boundary.
+_SEGMENTS = _packed((11, 20, 9), (5, 16, 19))
+
+
+def _check_segments(platform, **kw):
+  o_ref = _check_against_reference(platform, 40, segment_ids=_SEGMENTS, **kw)
+  # The reference without segments differs: the resets are what the comparison above checks.
+  up = _inputs(40, B=2, **{k: x for k, x in kw.items() if k not in ("chunk", "block_v")})
+  K = up[0].shape[-1]
+  o_joined, _ = reference.recurrent_gated_delta_rule(*up[:5], scale=K**-0.5, initial_state=up[5])
+  assert np.max(np.abs(np.asarray(o_joined) - np.asarray(o_ref))) > 0.1
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_segments_delta_rule(platform):
+  # Gated DeltaNet packed training: scalar decay, delta rule, an initial state for segment 0.
+  _check_segments(platform)
+
+
+@pytest.mark.parametrize("platform, chunk", [("gpu", 4), ("tpu", 8)])
+def test_segments_additive_small_chunk(platform, chunk):
+  # Linear attention / Mamba-2 with a chunk below the 16-row tile: the kernels run at 16.
+  _check_segments(platform, chunk=chunk, delta=False, h0=False)
+
+
+@pytest.mark.parametrize("platform", ["tpu", pytest.param("gpu", marks=pytest.mark.slow)])
+def test_segments_per_channel_decay(platform):
+  # GLA-style decay: the masks also enter P and the WY matrices built in XLA.
+  _check_segments(platform, channel=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_segments_value_blocks_additive_per_channel(platform):
+  _check_segments(platform, V=32, block_v=16, channel=True, delta=False)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
@@ -195,16 +260,13 @@ def test_delta_rule_chunk_32_long(platform):
 
 
 def test_through_the_public_op():
-  # api.py pads T and dispatches by name; packed sequences are not the kernels' job.
+  # api.py pads T and dispatches by name.
   q, k, v, g, beta, s = _inputs(24, channel=True)
   kw = {"beta": beta, "initial_state": s, "output_final_state": True, "chunk_size": 16}
   o, state = gated_delta_rule(q, k, v, g=g, implementation="pallas_gpu", interpret=True, **kw)
   o_ref, state_ref = gated_delta_rule(q, k, v, g=g, implementation="reference", **kw)
   _assert_close("o", o, o_ref, TOLERANCES["float32"]["out"])
   _assert_close("final_state", state, state_ref, TOLERANCES["float32"]["out"])
-  segments = jnp.array([[0] * 10 + [1] * 14])
-  with pytest.raises(NotSupportedError, match="segment_ids"):
-    gated_delta_rule(q, k, v, g=g, segment_ids=segments, implementation="pallas_gpu", **kw)
 
 
 def test_interpreters_poison_fresh_memory():
@@ -240,6 +302,8 @@ def test_rejects_unsupported_and_bad_inputs(platform):
     KERNELS[platform](q, k, v, g, beta, block_v=24, **kw)
   with pytest.raises(NotSupportedError, match="chunk size" if platform == "tpu" else "powers"):
     KERNELS[platform](q, k, v, g, beta, **{**kw, "chunk_size": 24})
+  with pytest.raises(ValueError, match="segment_ids"):
+    KERNELS[platform](q, k, v, g, beta, segment_ids=jnp.zeros((1, 8), jnp.int32), **kw)
 
 
 # Lowering at a realistic size: bf16, T=1024, H=4, K=V=128, chunk 64.
