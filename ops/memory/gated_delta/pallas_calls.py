@@ -89,11 +89,27 @@ def _run(kernel, cfg, grid, semantics, ins, outs, spec, scratch=None):
 
 
 def _parallel_spec(cfg, layout, dim):
-  """Grid ``(B,H,N)``: ``"seq"`` is a ``[C,dim]`` tile of ``[B,H,T,dim]``; ``"chunked"`` the
-  ``dim = (d1,d2)`` block of chunk n of ``[B,H,N,d1,d2]``."""
-  if layout == "seq":
-    return pl.BlockSpec((_SQ, _SQ, cfg.chunk, dim), lambda b, h, n: (b, h, n, 0))
-  return pl.BlockSpec((_SQ, _SQ, _SQ, *dim), lambda b, h, n: (b, h, n, 0, 0))
+  """Grid ``(B,H,N,V/BV)``.
+
+  Layouts: ``"seq"`` a ``[C,dim]`` tile of ``[B,H,T,dim]``; ``"seq_v"`` its ``[C,BV]`` value
+  block; ``"chunked"`` the ``dim = (d1,d2)`` block of chunk n of ``[B,H,N,d1,d2]``;
+  ``"states"`` the ``[dim,BV]`` block of a per-chunk state; ``"partial"`` / ``"partial_chunked"``
+  the value block's own slice of a ``[V/BV,B,H,T,dim]`` / ``[V/BV,B,H,N,d1,d2]`` output of
+  partial sums over the value dim (the caller adds them up).
+  """
+  C, BV = cfg.chunk, cfg.block_v
+  block, index = {
+    "seq": lambda: ((_SQ, _SQ, C, dim), lambda b, h, n, j: (b, h, n, 0)),
+    "seq_v": lambda: ((_SQ, _SQ, C, BV), lambda b, h, n, j: (b, h, n, j)),
+    "chunked": lambda: ((_SQ, _SQ, _SQ, *dim), lambda b, h, n, j: (b, h, n, 0, 0)),
+    "states": lambda: ((_SQ, _SQ, _SQ, dim, BV), lambda b, h, n, j: (b, h, n, 0, j)),
+    "partial": lambda: ((_SQ, _SQ, _SQ, C, dim), lambda b, h, n, j: (j, b, h, n, 0)),
+    "partial_chunked": lambda: (
+      (_SQ, _SQ, _SQ, _SQ, *dim),
+      lambda b, h, n, j: (j, b, h, n, 0, 0),
+    ),
+  }[layout]()
+  return pl.BlockSpec(block, index)
 
 
 def _sequential_spec(cfg, T, reverse, layout, dim):
@@ -165,7 +181,7 @@ def wy(cfg, k, v, bcol, brow, gcol, grow, seg=None):
     ("u", jax.ShapeDtypeStruct((B, H, T, V), f32), "seq", V),
   ]
   spec = functools.partial(_parallel_spec, cfg)
-  r = _run(kern.wy_kernel, cfg, (B, H, T // C), ("parallel",) * 3, ins, outs, spec)
+  r = _run(kern.wy_kernel, cfg, (B, H, T // C, 1), ("parallel",) * 4, ins, outs, spec)
   return r["w"], r["u"]
 
 
@@ -221,36 +237,42 @@ def state_bwd(cfg, q, k, w, do, g, grow, p, glast, dht, seg=None):
 
 
 def output(cfg, q, k, vn, g, grow, p, hs, dtype, seg=None):
-  """Parallel: ``o [B,H,T,V]`` in ``dtype``."""
+  """Parallel over chunks and value blocks: ``o [B,H,T,V]`` in ``dtype``."""
   B, H, T, K = q.shape
   V = vn.shape[-1]
-  ins = [("q", q, "seq", K), ("k", k, "seq", K), ("vn", vn, "seq", V)]
+  ins = [("q", q, "seq", K), ("k", k, "seq", K), ("vn", vn, "seq_v", V)]
   ins += _decay_operands(cfg, g, grow, p, None, sequential=False, seg=seg)
-  ins += [("h", hs, "chunked", (K, V))]
-  outs = [("o", jax.ShapeDtypeStruct((B, H, T, V), dtype), "seq", V)]
+  ins += [("h", hs, "states", K)]
+  outs = [("o", jax.ShapeDtypeStruct((B, H, T, V), dtype), "seq_v", V)]
   spec = functools.partial(_parallel_spec, cfg)
   kernel = functools.partial(kern.output_kernel, scale=cfg.scale)
-  return _run(kernel, cfg, (B, H, T // cfg.chunk), ("parallel",) * 3, ins, outs, spec)["o"]
+  grid = (B, H, T // cfg.chunk, V // cfg.block_v)
+  return _run(kernel, cfg, grid, ("parallel",) * 4, ins, outs, spec)["o"]
 
 
 def grads(cfg, q, k, vn, do, dvn, g, grow, hs, dhs, seg=None):
   """Parallel per-chunk gradients: ``{dq, dk, dw (delta), dg, p_out (per channel)}`` float32.
 
   ``dg`` is ``[B,H,T,1]`` (scalar decay) or ``[B,H,T,K]``; ``p_out [B,H,N,C,C]`` is the
-  gradient of the per-channel ``P``.
+  gradient of the per-channel ``P``. Each program sees one value block (``[K,BV]`` state
+  tiles); every output is a sum over the value dim, so the programs write partial sums that
+  are added here.
   """
   B, H, T, K = q.shape
   V, C = vn.shape[-1], cfg.chunk
-  ins = [("q", q, "seq", K), ("k", k, "seq", K), ("vn", vn, "seq", V), ("do", do, "seq", V)]
-  ins += [("dvn", dvn, "seq", V)] if cfg.delta else []
+  nv = V // cfg.block_v
+  ins = [("q", q, "seq", K), ("k", k, "seq", K), ("vn", vn, "seq_v", V), ("do", do, "seq_v", V)]
+  ins += [("dvn", dvn, "seq_v", V)] if cfg.delta else []
   ins += _decay_operands(cfg, g, grow, None, None, sequential=False, seg=seg)
-  ins += [("h", hs, "chunked", (K, V)), ("dh", dhs, "chunked", (K, V))]
-  per_token = lambda D: jax.ShapeDtypeStruct((B, H, T, D), f32)
-  outs = [("dq", per_token(K), "seq", K), ("dk", per_token(K), "seq", K)]
-  outs += [("dw", per_token(K), "seq", K)] if cfg.delta else []
-  outs += [("dg", per_token(g.shape[-1]), "seq", g.shape[-1])]
+  ins += [("h", hs, "states", K), ("dh", dhs, "states", K)]
+  per_token = lambda D: jax.ShapeDtypeStruct((nv, B, H, T, D), f32)
+  outs = [("dq", per_token(K), "partial", K), ("dk", per_token(K), "partial", K)]
+  outs += [("dw", per_token(K), "partial", K)] if cfg.delta else []
+  outs += [("dg", per_token(g.shape[-1]), "partial", g.shape[-1])]
   if cfg.channel:
-    outs.append(("p_out", jax.ShapeDtypeStruct((B, H, T // C, C, C), f32), "chunked", (C, C)))
+    p_shape = jax.ShapeDtypeStruct((nv, B, H, T // C, C, C), f32)
+    outs.append(("p_out", p_shape, "partial_chunked", (C, C)))
   spec = functools.partial(_parallel_spec, cfg)
   kernel = functools.partial(kern.grad_kernel, scale=cfg.scale)
-  return _run(kernel, cfg, (B, H, T // C), ("parallel",) * 3, ins, outs, spec)
+  r = _run(kernel, cfg, (B, H, T // C, nv), ("parallel",) * 4, ins, outs, spec)
+  return {name: x[0] if nv == 1 else jnp.sum(x, axis=0) for name, x in r.items()}

@@ -228,11 +228,48 @@ def padded_width(platform: str, n: int) -> int:
   return max(16, 1 << (n - 1).bit_length())
 
 
-def _default_block_v(platform: str, V: int) -> int:
-  # TPU tiles need a lane dim that is a multiple of 128 or the whole V; on GPU smaller value
-  # blocks give the sequential kernel more programs to run in parallel.
-  preferred = 128 if platform == "tpu" else 64
-  return preferred if V % preferred == 0 else V
+# Per-program budget of the GPU kernels: what a Triton program loads (twice inside the
+# pipelined chunk loop) plus its loop carries, which must fit the 227 KiB of shared memory per
+# block of an H100/H200 with room for the intermediates not counted here.
+# tests/ops/test_kernel_footprint.py measures the same quantity from the traced kernels.
+GPU_BUDGET_BYTES = 192 * 1024
+
+
+def gpu_program_bytes(*, chunk, k, block_v, itemsize, delta, channel):
+  """Largest per-program working set of the GPU kernels for chunk ``C``, padded ``K`` and
+  value block ``BV`` (bytes; the state-gradient pass, which loads the most per chunk, or the
+  per-chunk gradients, which hold two ``[K,BV]`` states)."""
+  C, K, BV, a = chunk, k, block_v, itemsize
+  decay = C * K * 4 + C * C * 4 if channel else 3 * C * 4
+  per_chunk = 2 * C * K * a + (C * K * 4 if delta else 0) + C * BV * 4 + decay + 2 * C * 4
+  sequential = 2 * per_chunk + 2 * K * BV * 4
+  parallel = 2 * C * K * a + 3 * C * BV * 4 + decay + 2 * K * BV * 4
+  return max(sequential, parallel)
+
+
+def _tiles(platform, K, V, chunk, block_v, *, itemsize, delta, channel):
+  """``(chunk, block_v)`` the kernels run at.
+
+  TPU: value blocks of 128 lanes (or all of V); every block is far below the scoped VMEM.
+  GPU: the largest chunk (at most the caller's) and then value block (64, 32 or 16) whose
+  working set fits ``GPU_BUDGET_BYTES``: wide keys (BASED/JRT pad K to 512) take a chunk of
+  16 and value blocks of 16 or 32 rather than one ``[K,V]`` f32 state per program. The chunked
+  form is exact for any chunk, so a smaller one changes only the summation order.
+  """
+  if platform == "tpu":
+    return chunk, block_v if block_v is not None else (128 if V % 128 == 0 else V)
+  blocks = [b for b in (64, 32, 16) if V % b == 0] if block_v is None else [block_v]
+  blocks = blocks or [V]
+  fits = lambda c, b: (
+    gpu_program_bytes(chunk=c, k=K, block_v=b, itemsize=itemsize, delta=delta, channel=channel)
+    <= GPU_BUDGET_BYTES
+  )
+  c = chunk
+  while True:
+    for b in blocks:
+      if fits(c, b) or (c <= 16 and b == blocks[-1]):
+        return c, b
+    c //= 2
 
 
 def chunk_gated_delta_rule(
@@ -303,14 +340,27 @@ def chunk_gated_delta_rule(
   if platform not in ("tpu", "gpu"):
     raise ValueError(f"platform must be 'tpu' or 'gpu', got {platform!r}")
   Kp, Vp = padded_width(platform, K), padded_width(platform, V)
-  block_v = _default_block_v(platform, Vp) if block_v is None else block_v
-  if block_v <= 0 or Vp % block_v:
+  if block_v is not None and (block_v <= 0 or Vp % block_v):
     raise ValueError(f"block_v={block_v} must divide the padded V={Vp} (V={V})")
   # Triton: every tile a power of two, every matmul dim >= 16. Mosaic: chunk rows a multiple
   # of the (bf16) sublane tile, value blocks a multiple of the 128 lanes (or all of V). Smaller
   # chunks run as 16: the result is the same chunked math with one more level of summation.
   if isinstance(C, int) and 0 < C < 16 and C & (C - 1) == 0:
     C = 16
+  if isinstance(C, int) and C >= 16 and C & (C - 1) == 0:
+    itemsize = max(jnp.dtype(q.dtype).itemsize, jnp.dtype(k.dtype).itemsize)
+    C, block_v = _tiles(
+      platform,
+      Kp,
+      Vp,
+      C,
+      block_v,
+      itemsize=itemsize,
+      delta=beta is not None,
+      channel=g is not None and g.ndim == 4,
+    )
+  elif block_v is None:
+    block_v = Vp
   pow2_16 = lambda n: n >= 16 and n & (n - 1) == 0
   if platform == "gpu" and not (pow2_16(C) and pow2_16(block_v)):
     raise NotSupportedError(f"Triton needs powers of two >= 16 for C, block_v; got {C}, {block_v}")
