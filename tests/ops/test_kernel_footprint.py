@@ -34,6 +34,7 @@ import ops.attention
 import ops.memory
 import ops.memory.neural
 import zoo
+from ops.attention import pallas_gpu as attn_gpu
 from ops.common.dispatch import NotSupportedError
 from ops.memory.gated_delta import pallas_common as gd_pallas
 
@@ -427,3 +428,20 @@ def test_checker_rejects_whole_state_gated_delta_tiles_on_gpu(monkeypatch):
   monkeypatch.setattr(gd_pallas, "_tiles", lambda p, K, V, chunk, bv, **kw: (chunk, V))
   with pytest.raises(AssertionError, match="over"):
     check_footprints(_gd("gpu", False), args, "gpu")
+
+
+@pytest.mark.parametrize("head_dim", sorted(attn_gpu.BLOCKS_BY_HEAD_DIM))
+def test_attention_gpu_table_fits_and_is_used(head_dim):
+  # Each row of the per-head-dim table, at a length with full blocks, GQA and a causal mask:
+  # every kernel fits, and each runs with its own (warps, stages) from the table.
+  q = _sd((1, 1024, 4, head_dim), jnp.bfloat16)
+  kv = _sd((1, 1024, 2, head_dim), jnp.bfloat16)
+  attn = lambda q, k, v: ops.attention.dot_product_attention(
+    q, k, v, mask=ops.attention.Mask(causal=True), implementation="pallas_gpu", interpret=False
+  )
+  check_footprints(attn, [q, kv, kv], "gpu")
+  jaxpr = jax.make_jaxpr(jax.grad(lambda *xs: jnp.sum(attn(*xs).astype(jnp.float32))))(q, kv, kv)
+  params = {e.params["name"]: e.params["compiler_params"] for e in pallas_calls(jaxpr.jaxpr)}
+  launch = {name: (p.num_warps, p.num_stages) for name, p in params.items()}
+  want = dict(zip(("fwd", "dq", "dkv"), attn_gpu.LAUNCH_BY_HEAD_DIM[head_dim], strict=True))
+  assert launch == {f"flash_attention_{k}": v for k, v in want.items()}
