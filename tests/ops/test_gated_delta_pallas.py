@@ -34,8 +34,9 @@ from ops.memory.gated_delta import (
 TOLERANCES = {
   # Interpret mode is plain f32 arithmetic in a different order than the step recurrence.
   "float32": {"out": 1e-5, "grad": 5e-5},
-  # Inputs are the same bf16 values on both sides; the error is the kernel's bf16 rounding
-  # of o, dq, dk, dv (8 bit mantissa: 2**-8 ~ 4e-3 of the largest element).
+  # Inputs are the same bf16 values on both sides; the error is the kernel's bf16 rounding of
+  # its dot operands (states included) and of o, dq, dk, dv (8 bit mantissa: 2**-8 ~ 4e-3 of
+  # the largest element per rounding).
   "bfloat16": {"out": 1e-2, "grad": 1e-2},
 }
 
@@ -427,3 +428,38 @@ def _check_on_device(platform):
   _assert_close("final_state", state, state_ref, 2e-2)
   for i, got in grads.items():
     _assert_close(f"grad {i}", got, grads_ref[i], 5e-2)
+
+
+def _kernel_dot_operand_dtypes(dtype, platform):
+  """Dtypes of the operands of every dot inside the kernels (forward and backward)."""
+  args = _inputs(32, dtype=dtype)
+
+  def loss(q, k, v, g, beta, s):
+    o, state = KERNELS[platform](
+      q, k, v, g, beta, scale=0.25, initial_state=s, chunk_size=16, interpret=False
+    )
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+  found = set()
+
+  def walk(j, inside):
+    for e in j.eqns:
+      if inside and e.primitive.name == "dot_general":
+        found.update(jnp.dtype(v.aval.dtype).name for v in e.invars)
+      for p in e.params.values():
+        for sub in p if isinstance(p, (list, tuple)) else (p,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            walk(sub, inside or e.primitive.name == "pallas_call")
+
+  walk(jaxpr.jaxpr, False)
+  return found
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_precision_policy_dot_operands(platform):
+  # bf16 inputs: every in-kernel dot takes bf16 operands (float32 accumulation); the bf16
+  # comparisons above hold at the bf16 tolerance with them. float32 inputs stay float32.
+  assert _kernel_dot_operand_dtypes(jnp.bfloat16, platform) == {"bfloat16"}
+  assert _kernel_dot_operand_dtypes(jnp.float32, platform) == {"float32"}

@@ -36,6 +36,7 @@ class Config:
     interpret: run the kernels in the Pallas interpreter (TPU: NaN-filled fresh buffers).
     channel: per-key-channel decay ``g [B,T,H,K]`` rather than one per head.
     segments: packed segments; the kernels take the reset counts ``rcol``/``rrow``.
+    operands: dtype name of every dot operand in the kernels (accumulation is float32).
   """
 
   platform: str
@@ -46,6 +47,7 @@ class Config:
   interpret: bool
   channel: bool = False
   segments: bool = False
+  operands: str = "float32"
 
 
 def _interpret(cfg: Config):
@@ -76,7 +78,7 @@ def _run(kernel, cfg, grid, semantics, ins, outs, spec, scratch=None):
   else:
     params = plgpu.CompilerParams(num_warps=4, num_stages=2)
   results = pl.pallas_call(
-    functools.partial(kernel, names=tuple(names)),
+    functools.partial(kernel, names=tuple(names), operands=cfg.operands),
     grid=grid,
     in_specs=[spec(layout, dim) for _, _, layout, dim in ins],
     out_specs=[spec(layout, dim) for _, _, layout, dim in outs],

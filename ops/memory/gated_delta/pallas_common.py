@@ -378,6 +378,8 @@ def chunk_gated_delta_rule(
     interpret=bool(interpret),
     channel=g is not None and g.ndim == 4,
     segments=segment_ids is not None,
+    # The precision policy: bf16 inputs feed the dots in bf16 (float32 accumulation).
+    operands="bfloat16" if q.dtype == jnp.bfloat16 and k.dtype == jnp.bfloat16 else "float32",
   )
   pad = -T % C
   Tp = T + pad

@@ -33,26 +33,53 @@ dynamic indexing of values, because neither Mosaic nor Triton can index a row of
 
 from __future__ import annotations
 
+import contextvars
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 f32 = jnp.float32
 
+# The dtype of every dot operand while a kernel body is traced (the precision policy: the input
+# dtype, so bf16 inputs take the bf16 tensor-core path; accumulation is float32 either way).
+_OPERANDS = contextvars.ContextVar("gated_delta_dot_operands", default=f32)
+
+
+def operands_in(body):
+  """Kernel-body decorator: ``body(..., operands=dtype)`` traces with dots on ``dtype``."""
+
+  @functools.wraps(body)
+  def run(*args, operands="float32", **kwargs):
+    token = _OPERANDS.set(jnp.dtype(operands))
+    try:
+      return body(*args, **kwargs)
+    finally:
+      _OPERANDS.reset(token)
+
+  return run
+
+
+def _general(a, b, dims):
+  dtype = _OPERANDS.get()
+  a, b = a.astype(dtype), b.astype(dtype)
+  return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=f32)
+
 
 def _dot(a, b):
-  """``a [M,K] @ b [K,N]`` with float32 accumulation."""
-  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=f32)
+  """``a [M,K] @ b [K,N]``: operands in the policy dtype, float32 accumulation."""
+  return _general(a, b, ((1,), (0,)))
 
 
 def _dot_nt(a, b):
   """``a [M,K] @ b[N,K]^T``."""
-  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+  return _general(a, b, ((1,), (1,)))
 
 
 def _dot_tn(a, b):
   """``a [K,M]^T @ b [K,N]``."""
-  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+  return _general(a, b, ((0,), (0,)))
 
 
 def _iota(shape, dim):
@@ -281,6 +308,7 @@ def _chunk_loader(r, n, chunk):
   return load, rows
 
 
+@operands_in
 def wy_kernel(*refs, names):
   """Parallel over chunks: ``k [C,K], v [C,V]`` -> ``w [C,K], u [C,V]`` float32."""
   r = dict(zip(names, refs, strict=True))
@@ -297,6 +325,7 @@ def _seg(load):
   return load("rcol"), load("rrow")
 
 
+@operands_in
 def output_kernel(*refs, names, scale):
   """Parallel over chunks: ``o [C,V]`` from ``q, k [C,K]``, ``vn [C,V]``, state ``h [K,V]``."""
   r = dict(zip(names, refs, strict=True))
@@ -315,6 +344,7 @@ def output_kernel(*refs, names, scale):
   r["o"][...] = o.astype(r["o"].dtype)
 
 
+@operands_in
 def grad_kernel(*refs, names, scale):
   """Parallel over chunks: ``dq, dk [C,K]`` (+ ``dw``), ``dg`` (+ ``dp`` per channel)."""
   r = dict(zip(names, refs, strict=True))
@@ -336,6 +366,7 @@ def _state_args(load):
   return load("k"), load("w"), load("u"), load("g"), load("glast"), load("rcol")
 
 
+@operands_in
 def state_fwd_kernel_tpu(*refs, names, num_chunks):
   """TPU, grid ``(B, H, V/BV, N)`` with N sequential: stores each chunk's entering state."""
   r = dict(zip(names, refs, strict=True))
@@ -358,6 +389,7 @@ def state_fwd_kernel_tpu(*refs, names, num_chunks):
     r["ht"][...] = h
 
 
+@operands_in
 def state_fwd_kernel_gpu(*refs, names, num_chunks, chunk):
   """GPU, grid ``(B, H, V/BV)``: one program loops over the chunks of one sequence."""
   r = dict(zip(names, refs, strict=True))
@@ -389,6 +421,7 @@ def _dstate(load, dh, scale):
   )
 
 
+@operands_in
 def state_bwd_kernel_tpu(*refs, names, num_chunks, scale):
   """TPU, grid ``(B, H, V/BV, N)`` with chunks visited last to first."""
   r = dict(zip(names, refs, strict=True))
@@ -409,6 +442,7 @@ def state_bwd_kernel_tpu(*refs, names, num_chunks, scale):
     r["dh0"][...] = dh
 
 
+@operands_in
 def state_bwd_kernel_gpu(*refs, names, num_chunks, chunk, scale):
   """GPU, grid ``(B, H, V/BV)``: one program walks the chunks last to first."""
   r = dict(zip(names, refs, strict=True))
