@@ -315,21 +315,34 @@ _EXPECTED_CALLS = {("fwd", True): 3, ("fwd", False): 2, ("bwd", True): 3, ("bwd"
 
 
 def _lowered_kernel_calls(
-  lowering_platform, delta, direction, *, T=1024, H=4, K=128, V=128, channel=False
+  lowering_platform,
+  delta,
+  direction,
+  *,
+  T=1024,
+  H=4,
+  K=128,
+  V=128,
+  channel=False,
+  segments=False,
+  chunk=64,
+  dtype=jnp.bfloat16,
 ):
   B = 1
-  bf16, f32 = jnp.bfloat16, jnp.float32
+  f32 = jnp.float32
   shapes = (
-    jax.ShapeDtypeStruct((B, T, H, K), bf16),
-    jax.ShapeDtypeStruct((B, T, H, K), bf16),
-    jax.ShapeDtypeStruct((B, T, H, V), bf16),
+    jax.ShapeDtypeStruct((B, T, H, K), dtype),
+    jax.ShapeDtypeStruct((B, T, H, K), dtype),
+    jax.ShapeDtypeStruct((B, T, H, V), dtype),
     jax.ShapeDtypeStruct((B, T, H, K) if channel else (B, T, H), f32),
     jax.ShapeDtypeStruct((B, T, H), f32),
     jax.ShapeDtypeStruct((B, H, K, V), f32),
   )
+  # Segment ids are a traced input, as in training.
+  shapes += (jax.ShapeDtypeStruct((B, T), jnp.int32),) if segments else ()
   kernel = KERNELS["tpu" if lowering_platform == "tpu" else "gpu"]
 
-  def fwd(q, k, v, g, beta, s):
+  def fwd(q, k, v, g, beta, s, seg=None):
     return kernel(
       q,
       k,
@@ -338,19 +351,17 @@ def _lowered_kernel_calls(
       beta if delta else None,
       scale=K**-0.5,
       initial_state=s,
-      chunk_size=64,
+      chunk_size=chunk,
       interpret=False,
+      segment_ids=seg,
     )
 
   def loss(*args):
     o, state = fwd(*args)
     return jnp.sum(o.astype(f32) ** 2) + jnp.sum(state**2)
 
-  f = (
-    fwd
-    if direction == "fwd"
-    else jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5) if delta else (0, 1, 2, 3, 5))
-  )
+  argnums = (0, 1, 2, 3, 4, 5) if delta else (0, 1, 2, 3, 5)
+  f = fwd if direction == "fwd" else jax.grad(loss, argnums=argnums)
   text = jax.jit(f).trace(*shapes).lower(lowering_platforms=(lowering_platform,)).as_text()
   return len(re.findall(_KERNEL_CALL[lowering_platform], text))
 
@@ -390,6 +401,28 @@ def test_lowers_based_widths(lowering_platform, direction):
   # BASED / JRT: Taylor features of 16 dims (K = 1 + 16 + 256 = 273) and a value column of
   # ones for the normaliser (V = 64 + 1), both padded inside the wrapper.
   calls = _lowered_kernel_calls(lowering_platform, False, direction, T=512, H=2, K=273, V=65)
+  assert calls == _expected_calls(False, direction)
+
+
+@pytest.mark.parametrize("lowering_platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+@pytest.mark.parametrize("channel", [False, True], ids=["scalar_decay", "channel_decay"])
+def test_lowers_with_segments(lowering_platform, direction, channel):
+  # Packed segments (a traced [B,T] input) and chunk 8, which the kernels run as 16.
+  calls = _lowered_kernel_calls(
+    lowering_platform, True, direction, T=1000, segments=True, chunk=8, channel=channel
+  )
+  assert calls == _expected_calls(True, direction, channel=channel)
+
+
+@pytest.mark.parametrize("lowering_platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_lowers_based_widths_with_segments_float32_tiles(lowering_platform, direction):
+  # BASED small: K = 273 -> 512, V = 65, additive, float32, packed; the GPU tile table takes
+  # chunk 16 and value blocks of 16 here (several value blocks in every kernel).
+  calls = _lowered_kernel_calls(
+    lowering_platform, False, direction, T=512, H=2, K=273, V=65, segments=True, dtype=jnp.float32
+  )
   assert calls == _expected_calls(False, direction)
 
 
