@@ -64,10 +64,13 @@ LAUNCH_BY_HEAD_DIM = {
 }
 
 
-def default_block_sizes(dp: int) -> tuple[BlockSizes, tuple[tuple[int, int], ...]]:
+def default_block_sizes(
+  dp: int, itemsize: int = 2
+) -> tuple[BlockSizes, tuple[tuple[int, int], ...]]:
   """``(blocks, ((warps, stages) of fwd, dq, dkv))`` for padded head dim ``dp`` (a power of
-  two >= 16; wider heads use the D = 256 row)."""
-  key = min(max(dp, 16), 256)
+  two >= 16; wider heads use the D = 256 row). The table is for 2-byte inputs; a float32 head
+  of D takes the row of 2D, whose tiles have the same bytes."""
+  key = min(max(dp * max(1, itemsize // 2), 16), 256)
   bq, bk = BLOCKS_BY_HEAD_DIM[key]
   launch = LAUNCH_BY_HEAD_DIM[key]
   return BlockSizes(bq, bk, *launch[0]), launch
@@ -411,7 +414,7 @@ def attention(
   s, kh, dv = k.shape[1], k.shape[2], v.shape[-1]
   dp = max(16, pl.next_power_of_2(max(d, dv)))
   if block_sizes is None:
-    bs, launch = default_block_sizes(dp)
+    bs, launch = default_block_sizes(dp, max(jnp.dtype(x.dtype).itemsize for x in (q, k, v)))
   else:
     bs = block_sizes
     launch = ((bs.num_warps, bs.num_stages),) * 3

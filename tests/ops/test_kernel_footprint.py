@@ -430,12 +430,16 @@ def test_checker_rejects_whole_state_gated_delta_tiles_on_gpu(monkeypatch):
     check_footprints(_gd("gpu", False), args, "gpu")
 
 
-@pytest.mark.parametrize("head_dim", sorted(attn_gpu.BLOCKS_BY_HEAD_DIM))
-def test_attention_gpu_table_fits_and_is_used(head_dim):
+@pytest.mark.parametrize(
+  "head_dim, dtype",
+  [(d, jnp.bfloat16) for d in sorted(attn_gpu.BLOCKS_BY_HEAD_DIM)] + [(64, jnp.float32)],
+)
+def test_attention_gpu_table_fits_and_is_used(head_dim, dtype):
   # Each row of the per-head-dim table, at a length with full blocks, GQA and a causal mask:
-  # every kernel fits, and each runs with its own (warps, stages) from the table.
-  q = _sd((1, 1024, 4, head_dim), jnp.bfloat16)
-  kv = _sd((1, 1024, 2, head_dim), jnp.bfloat16)
+  # every kernel fits, and each runs with its own (warps, stages) from the table. float32
+  # (the small presets) takes the row of twice the head dim.
+  q = _sd((1, 1024, 4, head_dim), dtype)
+  kv = _sd((1, 1024, 2, head_dim), dtype)
   attn = lambda q, k, v: ops.attention.dot_product_attention(
     q, k, v, mask=ops.attention.Mask(causal=True), implementation="pallas_gpu", interpret=False
   )
@@ -443,5 +447,6 @@ def test_attention_gpu_table_fits_and_is_used(head_dim):
   jaxpr = jax.make_jaxpr(jax.grad(lambda *xs: jnp.sum(attn(*xs).astype(jnp.float32))))(q, kv, kv)
   params = {e.params["name"]: e.params["compiler_params"] for e in pallas_calls(jaxpr.jaxpr)}
   launch = {name: (p.num_warps, p.num_stages) for name, p in params.items()}
-  want = dict(zip(("fwd", "dq", "dkv"), attn_gpu.LAUNCH_BY_HEAD_DIM[head_dim], strict=True))
+  row = head_dim * jnp.dtype(dtype).itemsize // 2
+  want = dict(zip(("fwd", "dq", "dkv"), attn_gpu.LAUNCH_BY_HEAD_DIM[row], strict=True))
   assert launch == {f"flash_attention_{k}": v for k, v in want.items()}
