@@ -34,15 +34,46 @@ NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
 class BlockSizes:
   """Query/key block sizes (powers of two >= 16) and Triton launch parameters.
 
-  64 x 64 keeps the f32 score tile and the D=128 accumulators of a program in registers on
-  Ampere/Hopper (4 warps); larger blocks spill at D=128 in the backward, which holds dk, dv and
-  the q/do tiles at once.
+  Given explicitly, one setting serves the forward and both backward kernels. By default
+  (``attention(block_sizes=None)``) the blocks come from :data:`BLOCKS_BY_HEAD_DIM` and the
+  warps and stages of each kernel from :data:`LAUNCH_BY_HEAD_DIM`.
   """
 
   block_q: int = 64
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 2
+
+
+# Padded head dim -> (block_q, block_k), shared by the three kernels (their block lists are
+# planned once). Small heads take 128 query rows per program (more work per K/V load); at
+# D = 128 a 64 x 64 tile keeps the f32 scores and the accumulators of a program in registers
+# with 4-8 warps; at D = 256 the key block halves, since the dk/dv program holds two [bk, D]
+# f32 accumulators and the q/do tiles at once. tests/ops/test_kernel_footprint.py checks each
+# against the 227 KiB of shared memory per block of H100/H200.
+BLOCKS_BY_HEAD_DIM = {16: (128, 64), 32: (128, 64), 64: (128, 64), 128: (64, 64), 256: (64, 32)}
+# Padded head dim -> ((warps, stages) of forward, dq, dkv). The forward streams K/V through
+# the loop (3 stages where the tiles are small); the backward kernels hold more live tiles per
+# iteration, so 2 stages, and 8 warps from D = 128 on to spread their accumulators.
+LAUNCH_BY_HEAD_DIM = {
+  16: ((4, 3), (4, 2), (4, 2)),
+  32: ((4, 3), (4, 2), (4, 2)),
+  64: ((4, 3), (4, 2), (4, 2)),
+  128: ((4, 2), (8, 2), (8, 2)),
+  256: ((8, 1), (8, 1), (8, 1)),
+}
+
+
+def default_block_sizes(
+  dp: int, itemsize: int = 2
+) -> tuple[BlockSizes, tuple[tuple[int, int], ...]]:
+  """``(blocks, ((warps, stages) of fwd, dq, dkv))`` for padded head dim ``dp`` (a power of
+  two >= 16; wider heads use the D = 256 row). The table is for 2-byte inputs; a float32 head
+  of D takes the row of 2D, whose tiles have the same bytes."""
+  key = min(max(dp * max(1, itemsize // 2), 16), 256)
+  bq, bk = BLOCKS_BY_HEAD_DIM[key]
+  launch = LAUNCH_BY_HEAD_DIM[key]
+  return BlockSizes(bq, bk, *launch[0]), launch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +88,7 @@ class _Static:
   has_segments: bool
   kv_per_batch: bool
   q_per_batch: bool
-  num_warps: int
-  num_stages: int
+  launch: tuple  # (warps, stages) of the forward, dq and dkv kernels
   interpret: bool
 
 
@@ -192,8 +222,12 @@ def _dkv_kernel(
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _compiler_params(st: _Static):
-  return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
+_KERNELS = ("fwd", "dq", "dkv")
+
+
+def _compiler_params(st: _Static, kernel: str):
+  warps, stages = st.launch[_KERNELS.index(kernel)]
+  return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
 def _q_rows(i, b_, h_):  # the [bq, Dp] tile of query block i, head h_
@@ -251,7 +285,7 @@ def _fwd_call(st: _Static, q, k, v, qseg, kseg, kv_lists):
       jax.ShapeDtypeStruct(q.shape, q.dtype),
       jax.ShapeDtypeStruct((b, h, tp), jnp.float32),
     ],
-    compiler_params=_compiler_params(st),
+    compiler_params=_compiler_params(st, "fwd"),
     interpret=st.interpret,
     name="flash_attention_fwd",
   )(*_operands(st, qseg, kseg, ids, cnt, mtbl, q, k, v))
@@ -266,7 +300,7 @@ def _dq_call(st: _Static, q, k, v, do, lse, dl, qseg, kseg, kv_lists):
     in_specs=_q_block_specs(st, k.shape[1], dp, ids.shape[-1], backward=True),
     out_specs=pl.BlockSpec((None, st.bq, None, dp), _q_rows),
     out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-    compiler_params=_compiler_params(st),
+    compiler_params=_compiler_params(st, "dq"),
     interpret=st.interpret,
     name="flash_attention_dq",
   )(*_operands(st, qseg, kseg, ids, cnt, mtbl, q, k, v, do, lse, dl))
@@ -303,7 +337,7 @@ def _dkv_call(st: _Static, q, k, v, do, lse, dl, qseg, kseg, q_lists):
     in_specs=in_specs,
     out_specs=[pl.BlockSpec((None, st.bk, None, dp), kv_map)] * 2,
     out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-    compiler_params=_compiler_params(st),
+    compiler_params=_compiler_params(st, "dkv"),
     interpret=st.interpret,
     name="flash_attention_dkv",
   )(*_operands(st, qseg, kseg, ids, cnt, mtbl, q, k, v, do, lse, dl))
@@ -368,7 +402,8 @@ def attention(
     block_size: ``(bq, bk)`` of ``block_indices``.
     scale: logit scale.
     interpret: run the kernels in Pallas interpret mode (CPU).
-    block_sizes: kernel tiling; defaults to :class:`BlockSizes`.
+    block_sizes: kernel tiling for all three kernels; ``None``: by head dim and kernel
+      (:func:`default_block_sizes`).
 
   Returns:
     ``(o [B, T, H, V], lse [B, T, H] float32)``; a query with no visible key gets 0 and -inf.
@@ -377,10 +412,14 @@ def attention(
   pc.check_inputs(q, k, v, masks, segment_ids, block_indices, q_offset)
   b, t, h, d = q.shape
   s, kh, dv = k.shape[1], k.shape[2], v.shape[-1]
-  bs = block_sizes or BlockSizes()
+  dp = max(16, pl.next_power_of_2(max(d, dv)))
+  if block_sizes is None:
+    bs, launch = default_block_sizes(dp, max(jnp.dtype(x.dtype).itemsize for x in (q, k, v)))
+  else:
+    bs = block_sizes
+    launch = ((bs.num_warps, bs.num_stages),) * 3
   bq, bk = _choose_blocks(bs, t, s, block_indices, tuple(block_size))
   plan = pc.plan_call(q, k, masks, segment_ids, q_offset, block_indices, block_size, bq, bk)
-  dp = max(16, pl.next_power_of_2(max(d, dv)))
   st = _Static(
     mask=plan.mask,
     q_offset=int(q_offset),
@@ -392,8 +431,7 @@ def attention(
     has_segments=segment_ids is not None,
     kv_per_batch=plan.kv_lists.per_batch,
     q_per_batch=plan.q_lists.per_batch,
-    num_warps=bs.num_warps,
-    num_stages=bs.num_stages,
+    launch=launch,
     interpret=bool(interpret),
   )
 

@@ -34,8 +34,9 @@ from ops.memory.gated_delta import (
 TOLERANCES = {
   # Interpret mode is plain f32 arithmetic in a different order than the step recurrence.
   "float32": {"out": 1e-5, "grad": 5e-5},
-  # Inputs are the same bf16 values on both sides; the error is the kernel's bf16 rounding
-  # of o, dq, dk, dv (8 bit mantissa: 2**-8 ~ 4e-3 of the largest element).
+  # Inputs are the same bf16 values on both sides; the error is the kernel's bf16 rounding of
+  # its dot operands (states included) and of o, dq, dk, dv (8 bit mantissa: 2**-8 ~ 4e-3 of
+  # the largest element per rounding).
   "bfloat16": {"out": 1e-2, "grad": 1e-2},
 }
 
@@ -44,18 +45,29 @@ _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _inputs(
-  T, *, K=16, V=16, H=2, decay=True, channel=False, delta=True, h0=True, dtype=jnp.float32, seed=0
+  T,
+  *,
+  K=16,
+  V=16,
+  H=2,
+  B=1,
+  decay=True,
+  channel=False,
+  delta=True,
+  h0=True,
+  dtype=jnp.float32,
+  seed=0,
 ):
   keys = jax.random.split(jax.random.PRNGKey(seed), 6)
-  q = jax.random.normal(keys[0], (1, T, H, K))
-  k = jax.random.normal(keys[1], (1, T, H, K))
+  q = jax.random.normal(keys[0], (B, T, H, K))
+  k = jax.random.normal(keys[1], (B, T, H, K))
   # Unit-norm keys as in gated DeltaNet: the delta rule is a contraction only then.
   k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-  v = jax.random.normal(keys[2], (1, T, H, V))
-  g_shape = (1, T, H, K) if channel else (1, T, H)
+  v = jax.random.normal(keys[2], (B, T, H, V))
+  g_shape = (B, T, H, K) if channel else (B, T, H)
   g = jax.nn.log_sigmoid(jax.random.normal(keys[3], g_shape) + 2.0) if decay else None
-  beta = jax.nn.sigmoid(jax.random.normal(keys[4], (1, T, H))) if delta else None
-  s = jax.random.normal(keys[5], (1, H, K, V)) if h0 else None
+  beta = jax.nn.sigmoid(jax.random.normal(keys[4], (B, T, H))) if delta else None
+  s = jax.random.normal(keys[5], (B, H, K, V)) if h0 else None
   return q.astype(dtype), k.astype(dtype), v.astype(dtype), g, beta, s
 
 
@@ -90,8 +102,15 @@ def _assert_close(name, got, want, tol):
   assert err <= tol, f"{name}: relative max error {err:.3g} > {tol}"
 
 
-def _check_against_reference(platform, T, *, dtype=jnp.float32, chunk=16, block_v=None, **kw):
-  args = _inputs(T, dtype=dtype, **kw)
+def _check_against_reference(
+  platform, T, *, dtype=jnp.float32, chunk=16, block_v=None, segment_ids=None, **kw
+):
+  """Kernel vs the step recurrence: outputs, final state and the gradient of every input.
+
+  Returns the reference output, so a caller can check that a feature changes it.
+  """
+  B = 1 if segment_ids is None else segment_ids.shape[0]
+  args = _inputs(T, dtype=dtype, B=B, **kw)
   q, _, v, _, _, _ = args
   B, _, H, K = q.shape
   V = v.shape[-1]
@@ -100,6 +119,8 @@ def _check_against_reference(platform, T, *, dtype=jnp.float32, chunk=16, block_
     jax.random.normal(jax.random.PRNGKey(8), (B, H, K, V)),
   )
   common = {"scale": K**-0.5, "chunk_size": chunk}
+  if segment_ids is not None:
+    common["segment_ids"] = segment_ids
   o, state, grads = _value_and_grads(
     KERNELS[platform], args, cts, interpret=True, block_v=block_v, **common
   )
@@ -118,6 +139,51 @@ def _check_against_reference(platform, T, *, dtype=jnp.float32, chunk=16, block_
   for i, got in grads.items():
     assert got.dtype == args[i].dtype, (names[i], got.dtype)
     _assert_close(names[i], got, grads_ref[i], tol["grad"])
+  return o_ref
+
+
+def _packed(*rows):
+  """``[B,T]`` segment ids from per-row document lengths (ids need not start at 0)."""
+  ids = [np.repeat(np.arange(len(r)) + 3 * b, r) for b, r in enumerate(rows)]
+  return jnp.asarray(np.stack(ids), jnp.int32)
+
+
+# Two rows of 3 packed documents, T = 40 (not a multiple of 16); boundaries at 11, 31 and 5, 21:
+# none at a chunk multiple, and row 1's second document spans a whole chunk boundary.
+_SEGMENTS = _packed((11, 20, 9), (5, 16, 19))
+
+
+def _check_segments(platform, **kw):
+  o_ref = _check_against_reference(platform, 40, segment_ids=_SEGMENTS, **kw)
+  # The reference without segments differs: the resets are what the comparison above checks.
+  up = _inputs(40, B=2, **{k: x for k, x in kw.items() if k not in ("chunk", "block_v")})
+  K = up[0].shape[-1]
+  o_joined, _ = reference.recurrent_gated_delta_rule(*up[:5], scale=K**-0.5, initial_state=up[5])
+  assert np.max(np.abs(np.asarray(o_joined) - np.asarray(o_ref))) > 0.1
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_segments_delta_rule(platform):
+  # Gated DeltaNet packed training: scalar decay, delta rule, an initial state for segment 0.
+  _check_segments(platform)
+
+
+@pytest.mark.parametrize("platform, chunk", [("gpu", 4), ("tpu", 8)])
+def test_segments_additive_small_chunk(platform, chunk):
+  # Linear attention / Mamba-2 with a chunk below the 16-row tile: the kernels run at 16.
+  _check_segments(platform, chunk=chunk, delta=False, h0=False)
+
+
+@pytest.mark.parametrize("platform", ["tpu", pytest.param("gpu", marks=pytest.mark.slow)])
+def test_segments_per_channel_decay(platform):
+  # GLA-style decay: the masks also enter P and the WY matrices built in XLA.
+  _check_segments(platform, channel=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_segments_value_blocks_additive_per_channel(platform):
+  _check_segments(platform, V=32, block_v=16, channel=True, delta=False)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
@@ -195,16 +261,13 @@ def test_delta_rule_chunk_32_long(platform):
 
 
 def test_through_the_public_op():
-  # api.py pads T and dispatches by name; packed sequences are not the kernels' job.
+  # api.py pads T and dispatches by name.
   q, k, v, g, beta, s = _inputs(24, channel=True)
   kw = {"beta": beta, "initial_state": s, "output_final_state": True, "chunk_size": 16}
   o, state = gated_delta_rule(q, k, v, g=g, implementation="pallas_gpu", interpret=True, **kw)
   o_ref, state_ref = gated_delta_rule(q, k, v, g=g, implementation="reference", **kw)
   _assert_close("o", o, o_ref, TOLERANCES["float32"]["out"])
   _assert_close("final_state", state, state_ref, TOLERANCES["float32"]["out"])
-  segments = jnp.array([[0] * 10 + [1] * 14])
-  with pytest.raises(NotSupportedError, match="segment_ids"):
-    gated_delta_rule(q, k, v, g=g, segment_ids=segments, implementation="pallas_gpu", **kw)
 
 
 def test_interpreters_poison_fresh_memory():
@@ -240,6 +303,8 @@ def test_rejects_unsupported_and_bad_inputs(platform):
     KERNELS[platform](q, k, v, g, beta, block_v=24, **kw)
   with pytest.raises(NotSupportedError, match="chunk size" if platform == "tpu" else "powers"):
     KERNELS[platform](q, k, v, g, beta, **{**kw, "chunk_size": 24})
+  with pytest.raises(ValueError, match="segment_ids"):
+    KERNELS[platform](q, k, v, g, beta, segment_ids=jnp.zeros((1, 8), jnp.int32), **kw)
 
 
 # Lowering at a realistic size: bf16, T=1024, H=4, K=V=128, chunk 64.
@@ -250,21 +315,34 @@ _EXPECTED_CALLS = {("fwd", True): 3, ("fwd", False): 2, ("bwd", True): 3, ("bwd"
 
 
 def _lowered_kernel_calls(
-  lowering_platform, delta, direction, *, T=1024, H=4, K=128, V=128, channel=False
+  lowering_platform,
+  delta,
+  direction,
+  *,
+  T=1024,
+  H=4,
+  K=128,
+  V=128,
+  channel=False,
+  segments=False,
+  chunk=64,
+  dtype=jnp.bfloat16,
 ):
   B = 1
-  bf16, f32 = jnp.bfloat16, jnp.float32
+  f32 = jnp.float32
   shapes = (
-    jax.ShapeDtypeStruct((B, T, H, K), bf16),
-    jax.ShapeDtypeStruct((B, T, H, K), bf16),
-    jax.ShapeDtypeStruct((B, T, H, V), bf16),
+    jax.ShapeDtypeStruct((B, T, H, K), dtype),
+    jax.ShapeDtypeStruct((B, T, H, K), dtype),
+    jax.ShapeDtypeStruct((B, T, H, V), dtype),
     jax.ShapeDtypeStruct((B, T, H, K) if channel else (B, T, H), f32),
     jax.ShapeDtypeStruct((B, T, H), f32),
     jax.ShapeDtypeStruct((B, H, K, V), f32),
   )
+  # Segment ids are a traced input, as in training.
+  shapes += (jax.ShapeDtypeStruct((B, T), jnp.int32),) if segments else ()
   kernel = KERNELS["tpu" if lowering_platform == "tpu" else "gpu"]
 
-  def fwd(q, k, v, g, beta, s):
+  def fwd(q, k, v, g, beta, s, seg=None):
     return kernel(
       q,
       k,
@@ -273,19 +351,17 @@ def _lowered_kernel_calls(
       beta if delta else None,
       scale=K**-0.5,
       initial_state=s,
-      chunk_size=64,
+      chunk_size=chunk,
       interpret=False,
+      segment_ids=seg,
     )
 
   def loss(*args):
     o, state = fwd(*args)
     return jnp.sum(o.astype(f32) ** 2) + jnp.sum(state**2)
 
-  f = (
-    fwd
-    if direction == "fwd"
-    else jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5) if delta else (0, 1, 2, 3, 5))
-  )
+  argnums = (0, 1, 2, 3, 4, 5) if delta else (0, 1, 2, 3, 5)
+  f = fwd if direction == "fwd" else jax.grad(loss, argnums=argnums)
   text = jax.jit(f).trace(*shapes).lower(lowering_platforms=(lowering_platform,)).as_text()
   return len(re.findall(_KERNEL_CALL[lowering_platform], text))
 
@@ -329,6 +405,28 @@ def test_lowers_based_widths(lowering_platform, direction):
 
 
 @pytest.mark.parametrize("lowering_platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+@pytest.mark.parametrize("channel", [False, True], ids=["scalar_decay", "channel_decay"])
+def test_lowers_with_segments(lowering_platform, direction, channel):
+  # Packed segments (a traced [B,T] input) and chunk 8, which the kernels run as 16.
+  calls = _lowered_kernel_calls(
+    lowering_platform, True, direction, T=1000, segments=True, chunk=8, channel=channel
+  )
+  assert calls == _expected_calls(True, direction, channel=channel)
+
+
+@pytest.mark.parametrize("lowering_platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_lowers_based_widths_with_segments_float32_tiles(lowering_platform, direction):
+  # BASED small: K = 273 -> 512, V = 65, additive, float32, packed; the GPU tile table takes
+  # chunk 16 and value blocks of 16 here (several value blocks in every kernel).
+  calls = _lowered_kernel_calls(
+    lowering_platform, False, direction, T=512, H=2, K=273, V=65, segments=True, dtype=jnp.float32
+  )
+  assert calls == _expected_calls(False, direction)
+
+
+@pytest.mark.parametrize("lowering_platform", ["tpu", "cuda"])
 def test_lowers_delta_rule_odd_value_width(lowering_platform):
   calls = _lowered_kernel_calls(lowering_platform, True, "bwd", T=512, H=2, K=64, V=65)
   assert calls == _expected_calls(True, "bwd")
@@ -363,3 +461,38 @@ def _check_on_device(platform):
   _assert_close("final_state", state, state_ref, 2e-2)
   for i, got in grads.items():
     _assert_close(f"grad {i}", got, grads_ref[i], 5e-2)
+
+
+def _kernel_dot_operand_dtypes(dtype, platform):
+  """Dtypes of the operands of every dot inside the kernels (forward and backward)."""
+  args = _inputs(32, dtype=dtype)
+
+  def loss(q, k, v, g, beta, s):
+    o, state = KERNELS[platform](
+      q, k, v, g, beta, scale=0.25, initial_state=s, chunk_size=16, interpret=False
+    )
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+  found = set()
+
+  def walk(j, inside):
+    for e in j.eqns:
+      if inside and e.primitive.name == "dot_general":
+        found.update(jnp.dtype(v.aval.dtype).name for v in e.invars)
+      for p in e.params.values():
+        for sub in p if isinstance(p, (list, tuple)) else (p,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            walk(sub, inside or e.primitive.name == "pallas_call")
+
+  walk(jaxpr.jaxpr, False)
+  return found
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_precision_policy_dot_operands(platform):
+  # bf16 inputs: every in-kernel dot takes bf16 operands (float32 accumulation); the bf16
+  # comparisons above hold at the bf16 tolerance with them. float32 inputs stay float32.
+  assert _kernel_dot_operand_dtypes(jnp.bfloat16, platform) == {"bfloat16"}
+  assert _kernel_dot_operand_dtypes(jnp.float32, platform) == {"float32"}

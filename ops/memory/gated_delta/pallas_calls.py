@@ -35,6 +35,8 @@ class Config:
     block_v: ``BV``, the value-dim block of the sequential kernels (state tile ``[K,BV]``).
     interpret: run the kernels in the Pallas interpreter (TPU: NaN-filled fresh buffers).
     channel: per-key-channel decay ``g [B,T,H,K]`` rather than one per head.
+    segments: packed segments; the kernels take the reset counts ``rcol``/``rrow``.
+    operands: dtype name of every dot operand in the kernels (accumulation is float32).
   """
 
   platform: str
@@ -44,6 +46,8 @@ class Config:
   block_v: int
   interpret: bool
   channel: bool = False
+  segments: bool = False
+  operands: str = "float32"
 
 
 def _interpret(cfg: Config):
@@ -74,7 +78,7 @@ def _run(kernel, cfg, grid, semantics, ins, outs, spec, scratch=None):
   else:
     params = plgpu.CompilerParams(num_warps=4, num_stages=2)
   results = pl.pallas_call(
-    functools.partial(kernel, names=tuple(names)),
+    functools.partial(kernel, names=tuple(names), operands=cfg.operands),
     grid=grid,
     in_specs=[spec(layout, dim) for _, _, layout, dim in ins],
     out_specs=[spec(layout, dim) for _, _, layout, dim in outs],
@@ -87,11 +91,27 @@ def _run(kernel, cfg, grid, semantics, ins, outs, spec, scratch=None):
 
 
 def _parallel_spec(cfg, layout, dim):
-  """Grid ``(B,H,N)``: ``"seq"`` is a ``[C,dim]`` tile of ``[B,H,T,dim]``; ``"chunked"`` the
-  ``dim = (d1,d2)`` block of chunk n of ``[B,H,N,d1,d2]``."""
-  if layout == "seq":
-    return pl.BlockSpec((_SQ, _SQ, cfg.chunk, dim), lambda b, h, n: (b, h, n, 0))
-  return pl.BlockSpec((_SQ, _SQ, _SQ, *dim), lambda b, h, n: (b, h, n, 0, 0))
+  """Grid ``(B,H,N,V/BV)``.
+
+  Layouts: ``"seq"`` a ``[C,dim]`` tile of ``[B,H,T,dim]``; ``"seq_v"`` its ``[C,BV]`` value
+  block; ``"chunked"`` the ``dim = (d1,d2)`` block of chunk n of ``[B,H,N,d1,d2]``;
+  ``"states"`` the ``[dim,BV]`` block of a per-chunk state; ``"partial"`` / ``"partial_chunked"``
+  the value block's own slice of a ``[V/BV,B,H,T,dim]`` / ``[V/BV,B,H,N,d1,d2]`` output of
+  partial sums over the value dim (the caller adds them up).
+  """
+  C, BV = cfg.chunk, cfg.block_v
+  block, index = {
+    "seq": lambda: ((_SQ, _SQ, C, dim), lambda b, h, n, j: (b, h, n, 0)),
+    "seq_v": lambda: ((_SQ, _SQ, C, BV), lambda b, h, n, j: (b, h, n, j)),
+    "chunked": lambda: ((_SQ, _SQ, _SQ, *dim), lambda b, h, n, j: (b, h, n, 0, 0)),
+    "states": lambda: ((_SQ, _SQ, _SQ, dim, BV), lambda b, h, n, j: (b, h, n, 0, j)),
+    "partial": lambda: ((_SQ, _SQ, _SQ, C, dim), lambda b, h, n, j: (j, b, h, n, 0)),
+    "partial_chunked": lambda: (
+      (_SQ, _SQ, _SQ, _SQ, *dim),
+      lambda b, h, n, j: (j, b, h, n, 0, 0),
+    ),
+  }[layout]()
+  return pl.BlockSpec(block, index)
 
 
 def _sequential_spec(cfg, T, reverse, layout, dim):
@@ -129,9 +149,11 @@ def _sequential(cfg, B, H, T, V, reverse):
   return (B, H, nv), ("parallel",) * 3, spec
 
 
-def _decay_operands(cfg, g, grow, p, glast, *, sequential):
+def _decay_operands(cfg, g, grow, p, glast, *, sequential, seg=None):
   """The decay operands: ``G`` tiles, plus those given of its rows (scalar decay), ``P`` and
-  (per channel, sequential kernels) each chunk's total decay as a column."""
+  (per channel, sequential kernels) each chunk's total decay as a column; with segments the
+  reset counts ``seg = (rcol [B,H,T,1], rrow [B,H,N,1,C])`` (the row only where ``Dm`` is
+  built in-kernel, i.e. with ``grow``)."""
   K = g.shape[-1]
   ops = [("g", g, "seq", K)]
   C = cfg.chunk
@@ -141,36 +163,39 @@ def _decay_operands(cfg, g, grow, p, glast, *, sequential):
     ops.append(("p", p, "chunked", (C, C)))
   if cfg.channel and sequential:
     ops.append(("glast", glast, "chunked", (glast.shape[-2], 1)))
+  if cfg.segments:
+    rcol, rrow = seg
+    ops.append(("rcol", rcol, "seq", 1))
+    if grow is not None:
+      ops.append(("rrow", rrow, "chunked", (1, C)))
   return ops
 
 
-def wy(cfg, k, v, bcol, brow, gcol, grow):
+def wy(cfg, k, v, bcol, brow, gcol, grow, seg=None):
   """Parallel, scalar decay: ``(W [B,H,T,K], U [B,H,T,V])`` float32."""
   B, H, T, K = k.shape
   V, C = v.shape[-1], cfg.chunk
-  tile = lambda D: pl.BlockSpec((_SQ, _SQ, C, D), lambda b, h, n: (b, h, n, 0))
-  row = pl.BlockSpec((_SQ, _SQ, _SQ, 1, C), lambda b, h, n: (b, h, n, 0, 0))
-  return pl.pallas_call(
-    kern.wy_kernel,
-    grid=(B, H, T // C),
-    in_specs=[tile(K), tile(V), tile(1), row, tile(1), row],
-    out_specs=[tile(K), tile(V)],
-    out_shape=[jax.ShapeDtypeStruct((B, H, T, K), f32), jax.ShapeDtypeStruct((B, H, T, V), f32)],
-    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
-    if cfg.platform == "tpu"
-    else plgpu.CompilerParams(num_warps=4, num_stages=2),
-    interpret=_interpret(cfg),
-  )(k, v, bcol, brow, gcol, grow)
+  ins = [("k", k, "seq", K), ("v", v, "seq", V), ("bcol", bcol, "seq", 1)]
+  ins += [("brow", brow, "chunked", (1, C))]
+  ins += _decay_operands(cfg, gcol, grow, None, None, sequential=False, seg=seg)
+  outs = [
+    ("w", jax.ShapeDtypeStruct((B, H, T, K), f32), "seq", K),
+    ("u", jax.ShapeDtypeStruct((B, H, T, V), f32), "seq", V),
+  ]
+  spec = functools.partial(_parallel_spec, cfg)
+  r = _run(kern.wy_kernel, cfg, (B, H, T // C, 1), ("parallel",) * 4, ins, outs, spec)
+  return r["w"], r["u"]
 
 
-def state_fwd(cfg, k, w, u, g, glast, h0):
+def state_fwd(cfg, k, w, u, g, glast, h0, seg=None):
   """Sequential: ``(hs [B,H,N,K,V] entering states, vn [B,H,T,V] or None, ht [B,H,K,V])``."""
   B, H, T, K = k.shape
   V = u.shape[-1]
   N = T // cfg.chunk
   grid, semantics, spec = _sequential(cfg, B, H, T, V, reverse=False)
   ins = [("k", k, "seq", K)] + ([("w", w, "seq", K)] if cfg.delta else [])
-  ins += [("u", u, "seq_v", V)] + _decay_operands(cfg, g, None, None, glast, sequential=True)
+  ins += [("u", u, "seq_v", V)]
+  ins += _decay_operands(cfg, g, None, None, glast, sequential=True, seg=seg)
   ins += [("h0", h0, "state", K)]
   outs = [("hs", jax.ShapeDtypeStruct((B, H, N, K, V), f32), "states", K)]
   if cfg.delta:
@@ -186,14 +211,15 @@ def state_fwd(cfg, k, w, u, g, glast, h0):
   return r["hs"], r.get("vn"), r["ht"]
 
 
-def state_bwd(cfg, q, k, w, do, g, grow, p, glast, dht):
+def state_bwd(cfg, q, k, w, do, g, grow, p, glast, dht, seg=None):
   """Sequential, reversed: ``(dhs [B,H,N,K,V] leaving-state grads, dvn [B,H,T,V], dh0)``."""
   B, H, T, K = q.shape
   V = do.shape[-1]
   N = T // cfg.chunk
   grid, semantics, spec = _sequential(cfg, B, H, T, V, reverse=True)
   ins = [("q", q, "seq", K), ("k", k, "seq", K)] + ([("w", w, "seq", K)] if cfg.delta else [])
-  ins += [("do", do, "seq_v", V)] + _decay_operands(cfg, g, grow, p, glast, sequential=True)
+  ins += [("do", do, "seq_v", V)]
+  ins += _decay_operands(cfg, g, grow, p, glast, sequential=True, seg=seg)
   ins += [("dht", dht, "state", K)]
   outs = [
     ("dhs", jax.ShapeDtypeStruct((B, H, N, K, V), f32), "states", K),
@@ -212,37 +238,43 @@ def state_bwd(cfg, q, k, w, do, g, grow, p, glast, dht):
   return r["dhs"], r["dvn"], r["dh0"]
 
 
-def output(cfg, q, k, vn, g, grow, p, hs, dtype):
-  """Parallel: ``o [B,H,T,V]`` in ``dtype``."""
+def output(cfg, q, k, vn, g, grow, p, hs, dtype, seg=None):
+  """Parallel over chunks and value blocks: ``o [B,H,T,V]`` in ``dtype``."""
   B, H, T, K = q.shape
   V = vn.shape[-1]
-  ins = [("q", q, "seq", K), ("k", k, "seq", K), ("vn", vn, "seq", V)]
-  ins += _decay_operands(cfg, g, grow, p, None, sequential=False)
-  ins += [("h", hs, "chunked", (K, V))]
-  outs = [("o", jax.ShapeDtypeStruct((B, H, T, V), dtype), "seq", V)]
+  ins = [("q", q, "seq", K), ("k", k, "seq", K), ("vn", vn, "seq_v", V)]
+  ins += _decay_operands(cfg, g, grow, p, None, sequential=False, seg=seg)
+  ins += [("h", hs, "states", K)]
+  outs = [("o", jax.ShapeDtypeStruct((B, H, T, V), dtype), "seq_v", V)]
   spec = functools.partial(_parallel_spec, cfg)
   kernel = functools.partial(kern.output_kernel, scale=cfg.scale)
-  return _run(kernel, cfg, (B, H, T // cfg.chunk), ("parallel",) * 3, ins, outs, spec)["o"]
+  grid = (B, H, T // cfg.chunk, V // cfg.block_v)
+  return _run(kernel, cfg, grid, ("parallel",) * 4, ins, outs, spec)["o"]
 
 
-def grads(cfg, q, k, vn, do, dvn, g, grow, hs, dhs):
+def grads(cfg, q, k, vn, do, dvn, g, grow, hs, dhs, seg=None):
   """Parallel per-chunk gradients: ``{dq, dk, dw (delta), dg, p_out (per channel)}`` float32.
 
   ``dg`` is ``[B,H,T,1]`` (scalar decay) or ``[B,H,T,K]``; ``p_out [B,H,N,C,C]`` is the
-  gradient of the per-channel ``P``.
+  gradient of the per-channel ``P``. Each program sees one value block (``[K,BV]`` state
+  tiles); every output is a sum over the value dim, so the programs write partial sums that
+  are added here.
   """
   B, H, T, K = q.shape
   V, C = vn.shape[-1], cfg.chunk
-  ins = [("q", q, "seq", K), ("k", k, "seq", K), ("vn", vn, "seq", V), ("do", do, "seq", V)]
-  ins += [("dvn", dvn, "seq", V)] if cfg.delta else []
-  ins += _decay_operands(cfg, g, grow, None, None, sequential=False)
-  ins += [("h", hs, "chunked", (K, V)), ("dh", dhs, "chunked", (K, V))]
-  per_token = lambda D: jax.ShapeDtypeStruct((B, H, T, D), f32)
-  outs = [("dq", per_token(K), "seq", K), ("dk", per_token(K), "seq", K)]
-  outs += [("dw", per_token(K), "seq", K)] if cfg.delta else []
-  outs += [("dg", per_token(g.shape[-1]), "seq", g.shape[-1])]
+  nv = V // cfg.block_v
+  ins = [("q", q, "seq", K), ("k", k, "seq", K), ("vn", vn, "seq_v", V), ("do", do, "seq_v", V)]
+  ins += [("dvn", dvn, "seq_v", V)] if cfg.delta else []
+  ins += _decay_operands(cfg, g, grow, None, None, sequential=False, seg=seg)
+  ins += [("h", hs, "states", K), ("dh", dhs, "states", K)]
+  per_token = lambda D: jax.ShapeDtypeStruct((nv, B, H, T, D), f32)
+  outs = [("dq", per_token(K), "partial", K), ("dk", per_token(K), "partial", K)]
+  outs += [("dw", per_token(K), "partial", K)] if cfg.delta else []
+  outs += [("dg", per_token(g.shape[-1]), "partial", g.shape[-1])]
   if cfg.channel:
-    outs.append(("p_out", jax.ShapeDtypeStruct((B, H, T // C, C, C), f32), "chunked", (C, C)))
+    p_shape = jax.ShapeDtypeStruct((nv, B, H, T // C, C, C), f32)
+    outs.append(("p_out", p_shape, "partial_chunked", (C, C)))
   spec = functools.partial(_parallel_spec, cfg)
   kernel = functools.partial(kern.grad_kernel, scale=cfg.scale)
-  return _run(kernel, cfg, (B, H, T // C), ("parallel",) * 3, ins, outs, spec)
+  r = _run(kernel, cfg, (B, H, T // C, nv), ("parallel",) * 4, ins, outs, spec)
+  return {name: x[0] if nv == 1 else jnp.sum(x, axis=0) for name, x in r.items()}
