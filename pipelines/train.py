@@ -190,8 +190,12 @@ def train(
   it = iter(loader.train_dataset(data.train, exp.data.batch_size, exp.seed))
   start = 0
   if ckpt.latest_step() is not None:
-    start, state, data_state, _ = ckpt.restore(abstract({"params": params, "opt": opt_state}))
-    params, opt_state = state["params"], sharding.place_state(state["opt"], mesh)
+    # An imported run's step 0 holds parameters only: its optimizer state starts fresh here.
+    target = {"params": params, "opt": opt_state} if ckpt.has_optimizer() else {"params": params}
+    start, state, data_state, _ = ckpt.restore(abstract(target))
+    params = state["params"]
+    if "opt" in state:
+      opt_state = sharding.place_state(state["opt"], mesh)
     if data_state is not None:
       it.set_state(data_state)
   # Every process sees the same (global) metrics; one writes them.
@@ -283,9 +287,10 @@ def load_run(run_dir: str | Path, step: int | None = None):
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"{run_dir} has no checkpoint")
-    tx = optimizer(exp.train)
-    target = abstract({"params": params, "opt": tx.init(params)})
-    s, state, _, _ = ckpt.restore(target, step)
+    target = {"params": params}
+    if ckpt.has_optimizer(step):
+      target["opt"] = optimizer(exp.train).init(params)
+    s, state, _, _ = ckpt.restore(abstract(target), step)
   finally:
     ckpt.close()
   model = nnx.merge(graphdef, state["params"], rest)
