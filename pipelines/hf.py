@@ -1,14 +1,25 @@
-"""Hugging Face <-> memzoo for the transformer family (Llama, Mistral, Qwen2 layouts).
+"""Hugging Face <-> memzoo for the transformer family (Llama, Mistral, Qwen2/2.5, Qwen3).
 
 Weights: HF ``nn.Linear`` stores ``[out, in]``; memzoo keeps ``wq [D,H,Dh]``, ``wk/wv [D,K,Dh]``,
 ``wo [H,Dh,D]`` and ``[in, out]`` MLP matrices, so every projection is a transpose plus a
 reshape. Both use RoPE in the rotate-half layout and ``1/sqrt(Dh)`` attention scaling, so no
 permutation of heads is needed.
 
+Config reading cannot be silently wrong: every config.json key is inert (``INERT_KEYS``), read
+and reproduced, or refused with its name and value; RoPE is read from either layout (top-level
+``rope_theta``/``rope_scaling``, or transformers 5's ``rope_parameters``) and every type
+transformers defines for these families (default, linear, dynamic, yarn, llama3, longrope) is
+reproduced formula for formula (``zoo.layers.rope``); Qwen2/Qwen3 sliding windows apply to the
+layers ``layer_types`` / ``max_window_layers`` mark; q/k/v (and o) biases and Qwen3's per-head
+q/k RMSNorm are model features. Any tensor without a place is refused too.
+
 ``import_hf(dir, run_dir)`` writes a memzoo run (``config.yaml`` plus an Orbax checkpoint at
-step 0, laid out as ``pipelines.train`` writes it) that ``load_run``, ``memzoo eval`` and
-``memzoo extrapolate`` accept; ``export_hf(model, out)`` writes a directory that
-``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+step 0 holding the parameters only) that ``load_run``, ``memzoo eval``, ``memzoo extrapolate``
+and ``memzoo train`` (which then creates the optimizer state) accept. Weights are read tensor
+by tensor in their stored dtype and placed on the run's mesh, so peak host memory is about one
+copy of the weights. ``export_hf(model, out)`` writes a directory that
+``transformers.AutoModelForCausalLM.from_pretrained`` loads, as Llama, Qwen2 or Qwen3
+(``export_target``).
 """
 
 from __future__ import annotations
@@ -666,7 +677,7 @@ def read_params(
     name = ".".join(str(p) for p in path)
     hf_name, _, transform = plan[name]
     want = var.get_value()
-    w = transform(index.read(hf_name)).astype(want.dtype)
+    w = transform(index.read(hf_name)).astype(want.dtype, copy=False)
     if tuple(w.shape) != tuple(want.shape):
       raise CorruptFileError(f"tensor {hf_name!r} maps to {w.shape}, the model has {want.shape}")
     target = flat_shardings[name] if flat_shardings is not None else None
