@@ -625,12 +625,14 @@ def test_export_reloads_in_transformers_with_equal_logits(tmp_path, case):
   np.testing.assert_allclose(
     torch_logits(loaded, x), np.asarray(model(x)[0]), atol=LOGITS_TOL, rtol=0
   )
-  # And back: the export imports to the same parameters.
+  # And back: the export imports to the same parameters (Qwen2 always has q/k/v biases, so a
+  # model without them comes back with zero ones).
   _, again = hf.load_hf(out)
   a, b = flat_params(model), flat_params(again)
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert set(a) <= set(b)
+  for k in b:
+    np.testing.assert_array_equal(a[k] if k in a else 0 * b[k], b[k], err_msg=k)
+  assert all(".attn.bias." in k for k in set(b) - set(a))
 
 
 # ---------------------------------------------------------------------------------------------
