@@ -685,10 +685,10 @@ def test_unsupported_config_is_refused_with_nothing_written(tmp_path, capsys, wh
 
 
 def test_bfloat16_import_keeps_dtype_places_on_mesh_and_writes_no_optimizer(tmp_path):
-  import orbax.checkpoint as ocp
   from flax import nnx
 
   from pipelines import sharding
+  from pipelines.checkpoint import Checkpointer
   from pipelines.train import build_model
 
   ref, directory = save_hf(tmp_path, "qwen2", name="bf16")
@@ -710,10 +710,14 @@ def test_bfloat16_import_keeps_dtype_places_on_mesh_and_writes_no_optimizer(tmp_
   np.testing.assert_array_equal(
     w["blocks.1.attn.bias.k"].ravel(), tensors["model.layers.1.self_attn.k_proj.bias"]
   )
-  # Step 0 holds the parameters only.
-  with ocp.CheckpointManager(run.absolute() / "checkpoints") as mgr:
-    tree = mgr.item_metadata(0)["state"]
-  assert set(tree) == {"params"}
+  # Step 0 holds the parameters only, stored in bfloat16.
+  ckpt = Checkpointer(run, async_save=False)
+  try:
+    tree = ckpt.manager.item_metadata(0)["state"]
+    assert not ckpt.has_optimizer(0)
+  finally:
+    ckpt.close()
+  assert set(tree) == {"params"} and tree["params"]["embed"]["value"].dtype == jnp.bfloat16
   # On a mesh the import placed each parameter sharded by its logical axes (fsdp over embed).
   mesh = sharding.make_mesh(exp.mesh)
   graphdef, abstract, _ = jax.eval_shape(lambda: build_model(exp))
