@@ -525,7 +525,7 @@ CASES = {
     ("config", no_window),
   ),
 }
-FAST = {"qwen2-bias-layer-windows", "llama-longrope", "qwen3-qk-norm"}
+FAST = {"qwen2-bias-layer-windows", "qwen3-qk-norm"}  # the rest (RoPE types, layouts): slow
 
 
 @pytest.mark.parametrize(
@@ -664,11 +664,18 @@ REFUSALS = {
 }
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """One saved checkpoint per family for the refusal tests (they only read config.json)."""
+  tmp = tmp_path_factory.mktemp("saved")
+  return {f: save_hf(tmp, f, name=f)[1] for f in ("llama", "mistral")}
+
+
 @pytest.mark.parametrize("what", list(REFUSALS))
-def test_unsupported_config_is_refused_with_nothing_written(tmp_path, capsys, what):
+def test_unsupported_config_is_refused_with_nothing_written(tmp_path, capsys, saved, what):
   edit, match = REFUSALS[what]
   family = "mistral" if what.startswith("mistral") else "llama"
-  _, directory = save_hf(tmp_path, family)
+  directory = shutil.copytree(saved[family], tmp_path / "hf")
   cfg = json.loads((directory / "config.json").read_text())
   edit(cfg)
   (directory / "config.json").write_text(json.dumps(cfg))
