@@ -146,8 +146,14 @@ ROPE_KEYS = {
   "longrope": {"factor", "original_max_position_embeddings", "short_factor", "long_factor"}
   | {"attention_factor"},
 }
-# Per-family defaults of transformers' config classes for keys a config.json may omit.
-QWEN_MAX_WINDOW_LAYERS = 28
+# Defaults of transformers' config classes for keys a config.json may omit (transformers fills
+# them in, so they change the model as much as written ones).
+FAMILY_DEFAULTS = {
+  "llama": {"max_position_embeddings": 2048},
+  "mistral": {"max_position_embeddings": 4096 * 32, "sliding_window": 4096},
+  "qwen2": {"max_position_embeddings": 32768, "sliding_window": 4096, "max_window_layers": 28},
+  "qwen3": {"max_position_embeddings": 32768, "sliding_window": 4096, "max_window_layers": 28},
+}
 
 
 class UnsupportedModelError(ValueError):
@@ -376,7 +382,7 @@ def _windows(hf: dict[str, Any], family: str, n_layers: int, source: str) -> dic
   w = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
   types = hf.get("layer_types")
   if types is None:
-    first = hf.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS)
+    first = hf["max_window_layers"]
     types = [
       "sliding_attention" if w is not None and i >= first else "full_attention"
       for i in range(n_layers)
@@ -422,9 +428,10 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> dict[str,
       raise UnsupportedModelError(
         f"{source}: {key}={value!r} is not supported (memzoo reproduces {ONLY_VALUES[key]})"
       )
+  hf = {**FAMILY_DEFAULTS[family], **hf}
   d, h = hf["hidden_size"], hf["num_attention_heads"]
   n_layers = hf["num_hidden_layers"]
-  max_len = int(hf.get("max_position_embeddings", 2048))
+  max_len = int(hf["max_position_embeddings"])
   theta, scaling = _rope_section(hf, max_len, source)
   bias = bool(hf.get("attention_bias", False))
   model: dict[str, Any] = {

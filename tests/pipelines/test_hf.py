@@ -753,3 +753,37 @@ def test_training_resumes_from_an_imported_run(tmp_path):
   assert step == 2
   moved = [k for k, v in flat_params(after).items() if np.any(v != flat_params(before)[k])]
   assert "blocks.0.attn.wq" in moved
+
+
+@pytest.mark.parametrize(
+  "family, fields, drop",
+  [
+    ("mistral", dict(sliding_window=8), "sliding_window"),
+    (
+      "qwen2",
+      dict(use_sliding_window=True, sliding_window=8, max_window_layers=20),
+      "max_window_layers",
+    ),
+    (
+      "qwen2",
+      dict(use_sliding_window=True, sliding_window=8, max_window_layers=20),
+      "sliding_window",
+    ),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=8, max_window_layers=3), "layer_types"),
+    ("llama", dict(), "max_position_embeddings"),
+  ],
+)
+def test_omitted_keys_take_transformers_defaults(family, fields, drop):
+  cfg_cls, arch = (getattr(transformers, n) for n in ARCH[family])
+  written = json.loads(cfg_cls(**{**BASE, "num_hidden_layers": 30, **fields}).to_json_string())
+  written["architectures"] = [arch.__name__]
+  written.pop(drop, None)
+  theirs = cfg_cls.from_dict(dict(written))
+  section = hf.config_from_hf(written)
+  section.pop("name")
+  ours = zoo.config("transformer", "tiny", **section)
+  types = getattr(theirs, "layer_types", None) or ["sliding_attention"] * 30
+  window = getattr(theirs, "sliding_window", None)
+  want = [window if t == "sliding_attention" else None for t in types]
+  assert [ours.layer_window(i) for i in range(30)] == want
+  assert ours.max_len == theirs.max_position_embeddings
