@@ -8,7 +8,7 @@ memzoo report RUN                           (re)write RUN/report.md
 memzoo bench attention|memory|model         kernel and model speed/memory tables
 memzoo models                               list registered model families and presets
 memzoo check CONFIG.yaml [key=value ...]    validate a config and print it resolved
-memzoo export RUN --format FMT [--out DIR]  safetensors, hf (Llama directory) or stablehlo
+memzoo export RUN --format FMT [--out DIR]  safetensors, hf (Llama/Qwen2/Qwen3) or stablehlo
 memzoo import-hf DIR RUN [key=value ...]    a local HF Llama/Mistral/Qwen2/Qwen3 model as a run
 """
 
