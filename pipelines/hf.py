@@ -667,7 +667,7 @@ def check_tensors(index: SafetensorsIndex, cfg: Any, source: str) -> None:
 
 
 def read_params(
-  index: SafetensorsIndex, cfg: Any, graphdef: Any, abstract: nnx.State, shardings: Any = None
+  index: SafetensorsIndex, cfg: Any, abstract: nnx.State, shardings: Any = None
 ) -> nnx.State:
   """The ``nnx.Param`` state of ``cfg`` filled tensor by tensor from ``index``.
 
@@ -708,7 +708,7 @@ def load_hf(directory: str | Path, **model_overrides: Any):
   graphdef, abstract, rest = nnx.split(
     nnx.eval_shape(lambda: zoo.build(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...
   )
-  params = read_params(index, cfg, graphdef, abstract)
+  params = read_params(index, cfg, abstract)
   return cfg, nnx.merge(graphdef, params, rest)
 
 
@@ -759,10 +759,8 @@ def import_hf(
   mesh = sharding.make_mesh(exp.mesh)
 
   # Shapes only: no parameter is initialised, so the weights are held once (as read).
-  graphdef, abstract, _ = jax.eval_shape(lambda: build_model(exp))
-  params = read_params(
-    index, exp.model, graphdef, abstract, sharding.param_shardings(abstract, mesh)
-  )
+  _, abstract, _ = jax.eval_shape(lambda: build_model(exp))
+  params = read_params(index, exp.model, abstract, sharding.param_shardings(abstract, mesh))
 
   run_dir.mkdir(parents=True, exist_ok=True)
   ckpt = Checkpointer(run_dir, async_save=False)

@@ -727,11 +727,9 @@ def test_bfloat16_import_keeps_dtype_places_on_mesh_and_writes_no_optimizer(tmp_
   assert set(tree) == {"params"} and tree["params"]["embed"]["value"].dtype == jnp.bfloat16
   # On a mesh the import placed each parameter sharded by its logical axes (fsdp over embed).
   mesh = sharding.make_mesh(exp.mesh)
-  graphdef, abstract, _ = jax.eval_shape(lambda: build_model(exp))
+  _, abstract, _ = jax.eval_shape(lambda: build_model(exp))
   _, index = hf.open_hf(directory)
-  params = hf.read_params(
-    index, exp.model, graphdef, abstract, sharding.param_shardings(abstract, mesh)
-  )
+  params = hf.read_params(index, exp.model, abstract, sharding.param_shardings(abstract, mesh))
   embed = nnx.to_flat_state(params)
   wq = dict((".".join(map(str, p)), v[...]) for p, v in embed)["blocks.0.attn.wq"]
   assert len(wq.sharding.device_set) == 2 and wq.addressable_shards[0].data.shape[0] == 16
