@@ -136,6 +136,16 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def has_optimizer(self, step: int | None = None) -> bool:
+    """Whether ``step`` (default: the latest) holds an optimizer state; an imported run's step
+    0 holds parameters only (its metadata says ``"optimizer": false``)."""
+    step = self.latest_step() if step is None else step
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception:  # noqa: BLE001 - unreadable metadata: restore decides, as before
+      return True
+    return bool((meta["meta"] or {}).get("optimizer", True))
+
   def save(self, step: int, state: Any, data_state: dict | None, meta: dict) -> None:
     """Starts an (async) save of ``state`` (a pytree of arrays) at ``step``.
 

@@ -8,8 +8,8 @@ memzoo report RUN                           (re)write RUN/report.md
 memzoo bench attention|memory|model         kernel and model speed/memory tables
 memzoo models                               list registered model families and presets
 memzoo check CONFIG.yaml [key=value ...]    validate a config and print it resolved
-memzoo export RUN --format FMT [--out DIR]  safetensors, hf (Llama directory) or stablehlo
-memzoo import-hf DIR --run RUN              a local HF Llama/Mistral/Qwen2 model as a run
+memzoo export RUN --format FMT [--out DIR]  safetensors, hf (Llama/Qwen2/Qwen3) or stablehlo
+memzoo import-hf DIR RUN [key=value ...]    a local HF Llama/Mistral/Qwen2/Qwen3 model as a run
 """
 
 from __future__ import annotations
@@ -123,8 +123,13 @@ def _export(args) -> int:
 def _import_hf(args) -> int:
   from pipelines import hf
 
+  rest = list(args.rest)
+  run = args.run or (rest.pop(0) if rest and "=" not in rest[0] else None)
+  if run is None:
+    print("memzoo: import-hf: name the run to create: memzoo import-hf DIR RUN", file=sys.stderr)
+    return 2
   try:
-    run = hf.import_hf(args.dir, args.run)
+    run = hf.import_hf(args.dir, run, overrides=rest)
   except FileExistsError as e:
     print(f"memzoo: import-hf: {e}", file=sys.stderr)
     return 2
@@ -180,7 +185,8 @@ def parser() -> argparse.ArgumentParser:
   ex.set_defaults(fn=_export)
   ih = sub.add_parser("import-hf", help="turn a local Hugging Face model directory into a run")
   ih.add_argument("dir")
-  ih.add_argument("--run", required=True, help="the run directory to create")
+  ih.add_argument("rest", nargs="*", help="RUN (the run to create), then key=value overrides")
+  ih.add_argument("--run", default=None, help="the run directory to create (instead of RUN)")
   ih.set_defaults(fn=_import_hf)
   return p
 

@@ -1,14 +1,25 @@
-"""Hugging Face <-> memzoo for the transformer family (Llama, Mistral, Qwen2 layouts).
+"""Hugging Face <-> memzoo for the transformer family (Llama, Mistral, Qwen2/2.5, Qwen3).
 
 Weights: HF ``nn.Linear`` stores ``[out, in]``; memzoo keeps ``wq [D,H,Dh]``, ``wk/wv [D,K,Dh]``,
 ``wo [H,Dh,D]`` and ``[in, out]`` MLP matrices, so every projection is a transpose plus a
 reshape. Both use RoPE in the rotate-half layout and ``1/sqrt(Dh)`` attention scaling, so no
 permutation of heads is needed.
 
+Config reading cannot be silently wrong: every config.json key is inert (``INERT_KEYS``), read
+and reproduced, or refused with its name and value; RoPE is read from either layout (top-level
+``rope_theta``/``rope_scaling``, or transformers 5's ``rope_parameters``) and every type
+transformers defines for these families (default, linear, dynamic, yarn, llama3, longrope) is
+reproduced formula for formula (``zoo.layers.rope``); Qwen2/Qwen3 sliding windows apply to the
+layers ``layer_types`` / ``max_window_layers`` mark; q/k/v (and o) biases and Qwen3's per-head
+q/k RMSNorm are model features. Any tensor without a place is refused too.
+
 ``import_hf(dir, run_dir)`` writes a memzoo run (``config.yaml`` plus an Orbax checkpoint at
-step 0, laid out as ``pipelines.train`` writes it) that ``load_run``, ``memzoo eval`` and
-``memzoo extrapolate`` accept; ``export_hf(model, out)`` writes a directory that
-``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+step 0 holding the parameters only) that ``load_run``, ``memzoo eval``, ``memzoo extrapolate``
+and ``memzoo train`` (which then creates the optimizer state) accept. Weights are read tensor
+by tensor in their stored dtype and placed on the run's mesh, so peak host memory is about one
+copy of the weights. ``export_hf(model, out)`` writes a directory that
+``transformers.AutoModelForCausalLM.from_pretrained`` loads, as Llama, Qwen2 or Qwen3
+(``export_target``).
 """
 
 from __future__ import annotations
@@ -18,17 +29,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from pipelines import config as config_lib
-from pipelines.errors import MissingFileError, UnsupportedModelError
+from pipelines.errors import InputError, MissingFileError, UnsupportedModelError
 from pipelines.export import (
   CHECKSUMS,
   CorruptFileError,
-  assign_params,
   flat_params,
-  read_safetensors,
   verify_checksums,
 )
 
@@ -36,22 +48,164 @@ ARCHITECTURES = {
   "LlamaForCausalLM": "llama",
   "MistralForCausalLM": "mistral",
   "Qwen2ForCausalLM": "qwen2",
+  "Qwen3ForCausalLM": "qwen3",
+}
+
+# config.json keys that never change the forward pass: bookkeeping, token ids, training-only
+# settings and generation defaults. Every other key must be understood below or is refused.
+INERT_KEYS = frozenset(
+  {
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "initializer_range",
+    "use_cache",
+    "attention_dropout",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "tokenizer_class",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "pretraining_tp",  # splits Llama's matmuls into slices: the same products
+    "is_decoder",
+    "is_encoder_decoder",
+    "tie_encoder_decoder",
+    "add_cross_attention",
+    "chunk_size_feed_forward",
+    "task_specific_params",
+    "max_length",
+    "bad_words_ids",
+  }
+)
+# Keys the import reads, per family (shared ones first).
+COMMON_KEYS = frozenset(
+  {
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "original_max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "hidden_act",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "partial_rotary_factor",
+  }
+)
+FAMILY_KEYS = {
+  "llama": {"attention_bias", "mlp_bias"},
+  "mistral": {"sliding_window"},
+  "qwen2": {
+    "use_sliding_window",
+    "sliding_window",
+    "max_window_layers",
+    "layer_types",
+    "use_mrope",
+  },
+  "qwen3": {
+    "use_sliding_window",
+    "sliding_window",
+    "max_window_layers",
+    "layer_types",
+    "attention_bias",
+  },
+}
+# Keys memzoo reads but reproduces for these values only.
+ONLY_VALUES = {
+  "hidden_act": ("silu",),
+  "mlp_bias": (False, None),
+  "partial_rotary_factor": (1, 1.0, None),
+  "use_mrope": (False, None),
+}
+# RoPE types of transformers' ``modeling_rope_utils`` and the keys each one reads.
+ROPE_KEYS = {
+  "default": set(),
+  "linear": {"factor"},
+  "dynamic": {"factor"},
+  "yarn": {
+    "factor",
+    "original_max_position_embeddings",
+    "attention_factor",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "truncate",
+  },
+  "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
+  "longrope": {"factor", "original_max_position_embeddings", "short_factor", "long_factor"}
+  | {"attention_factor"},
+}
+# Defaults of transformers' config classes for keys a config.json may omit (transformers fills
+# them in, so they change the model as much as written ones).
+FAMILY_DEFAULTS = {
+  "llama": {"max_position_embeddings": 2048},
+  "mistral": {"max_position_embeddings": 4096 * 32, "sliding_window": 4096},
+  "qwen2": {"max_position_embeddings": 32768, "sliding_window": 4096, "max_window_layers": 28},
+  "qwen3": {"max_position_embeddings": 32768, "sliding_window": 4096, "max_window_layers": 28},
 }
 
 
-def config_to_hf(cfg: Any) -> dict[str, Any]:
-  """A ``transformers`` LlamaConfig dict for a memzoo ``TransformerConfig``."""
+def export_target(cfg: Any) -> str:
+  """The ``transformers`` architecture that holds ``cfg`` exactly (Llama, Qwen2 or Qwen3).
+
+  Raises:
+    UnsupportedModelError: nothing in ``transformers`` holds this combination.
+  """
   if cfg.family != "transformer":
     raise UnsupportedModelError(f"HF export covers the transformer family, not {cfg.family!r}")
-  if cfg.window is not None or cfg.sinks:
-    raise UnsupportedModelError("HF Llama has no sliding window or sinks; export with window=null")
   if cfg.conv_width:
     raise UnsupportedModelError(
-      f"HF Llama has no q/k/v convolutions; this model has conv_width={cfg.conv_width}"
+      f"HF Llama/Qwen have no q/k/v convolutions; this model has conv_width={cfg.conv_width}"
     )
-  out = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
+  if cfg.window is not None and cfg.sinks:
+    raise UnsupportedModelError(
+      f"HF sliding windows have no attention sinks; this model has sinks={cfg.sinks}"
+    )
+  if cfg.qk_norm:
+    if cfg.qkv_bias != cfg.out_bias:
+      raise UnsupportedModelError(
+        "HF Qwen3 (q/k norms) has biases on all of q, k, v, o or none; this model has "
+        f"qkv_bias={cfg.qkv_bias}, out_bias={cfg.out_bias}"
+      )
+    return "Qwen3ForCausalLM"
+  if cfg.window is not None or (cfg.qkv_bias and not cfg.out_bias):
+    if cfg.out_bias:
+      raise UnsupportedModelError(
+        "HF Qwen2 (sliding windows per layer) has no bias on the output projection; this model "
+        "has out_bias=True with a window"
+      )
+    return "Qwen2ForCausalLM"
+  if cfg.out_bias and not cfg.qkv_bias:
+    raise UnsupportedModelError(
+      "HF Llama's attention_bias covers q, k, v and o together; this model has out_bias only"
+    )
+  return "LlamaForCausalLM"
+
+
+def config_to_hf(cfg: Any) -> dict[str, Any]:
+  """A ``transformers`` config dict (Llama, Qwen2 or Qwen3, see ``export_target``)."""
+  arch = export_target(cfg)
+  family = ARCHITECTURES[arch]
+  out: dict[str, Any] = {
+    "architectures": [arch],
+    "model_type": family,
     "vocab_size": cfg.vocab_size,
     "hidden_size": cfg.d_model,
     "intermediate_size": cfg.d_ff,
@@ -60,160 +214,328 @@ def config_to_hf(cfg: Any) -> dict[str, Any]:
     "num_key_value_heads": cfg.n_kv_heads,
     "head_dim": cfg.resolved_head_dim,
     "max_position_embeddings": cfg.max_len,
-    "rope_theta": cfg.rope_base,
     "rms_norm_eps": cfg.norm_eps,
     "tie_word_embeddings": cfg.tie_embeddings,
     "hidden_act": "silu",
-    "attention_bias": False,
-    "mlp_bias": False,
     "torch_dtype": "float32",
-    "rope_scaling": None,
   }
+  if family == "llama":
+    out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+  if family == "qwen3":
+    out["attention_bias"] = cfg.qkv_bias
+  if family in ("qwen2", "qwen3"):
+    sliding = [cfg.layer_window(i) is not None for i in range(cfg.n_layers)]
+    out.update(
+      use_sliding_window=cfg.window is not None,
+      sliding_window=cfg.window,
+      max_window_layers=cfg.n_layers,
+      layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+    )
+  rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_base}
   s = cfg.rope_scaling
-  if s is not None and s.kind != "none":
-    if s.kind == "linear":
-      out["rope_scaling"] = {"rope_type": "linear", "factor": s.factor}
-    elif s.kind == "dynamic_ntk":
-      out["rope_scaling"] = {"rope_type": "dynamic", "factor": s.factor}
-      out["max_position_embeddings"] = s.original_max_len
-    else:
-      raise UnsupportedModelError(f"rope_scaling.kind={s.kind!r} has no HF Llama equivalent")
+  kind = "none" if s is None else s.kind
+  if kind == "linear":
+    rope.update(rope_type="linear", factor=s.factor)
+  elif kind == "dynamic_ntk":
+    rope.update(rope_type="dynamic", factor=s.factor)
+    # transformers measures dynamic NTK against max_position_embeddings.
+    out["max_position_embeddings"] = s.original_max_len
+  elif kind == "yarn":
+    rope.update(
+      rope_type="yarn",
+      factor=s.factor,
+      original_max_position_embeddings=s.original_max_len,
+      beta_fast=s.beta_fast,
+      beta_slow=s.beta_slow,
+      truncate=s.truncate,
+    )
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+      if getattr(s, key) is not None:
+        rope[key] = getattr(s, key)
+  elif kind == "llama3":
+    rope.update(
+      rope_type="llama3",
+      factor=s.factor,
+      original_max_position_embeddings=s.original_max_len,
+      low_freq_factor=s.low_freq_factor,
+      high_freq_factor=s.high_freq_factor,
+    )
+  elif kind == "longrope":
+    rope.update(
+      rope_type="longrope",
+      factor=s.factor,
+      original_max_position_embeddings=s.original_max_len,
+      short_factor=list(s.short_factor),
+      long_factor=list(s.long_factor),
+    )
+    if s.attention_factor is not None:
+      rope["attention_factor"] = s.attention_factor
+  elif kind != "none":
+    raise UnsupportedModelError(f"rope_scaling.kind={kind!r} has no transformers equivalent")
+  out["rope_parameters"] = rope
+  return out
+
+
+def _rope_section(hf: dict[str, Any], max_len: int, source: str) -> tuple[float, dict | None]:
+  """(rope_theta, memzoo ``rope_scaling`` dict or None) from either config.json layout."""
+  scaling, params = hf.get("rope_scaling"), hf.get("rope_parameters")
+  # transformers reads a legacy ``rope_scaling`` first, then ``rope_parameters`` (transformers
+  # 5); ``rope_theta`` inside the dict wins over the top-level key.
+  rope = scaling or params or {}
+  if not isinstance(rope, dict):
+    raise UnsupportedModelError(f"{source}: rope parameters {rope!r} are not a mapping")
+  if scaling and params and any(params.get(k, v) != v for k, v in scaling.items()):
+    raise UnsupportedModelError(
+      f"{source}: rope_scaling={scaling!r} and rope_parameters={params!r} disagree"
+    )
+  if any(isinstance(v, dict) for v in rope.values()):
+    raise UnsupportedModelError(
+      f"{source}: per-layer-type RoPE parameters {sorted(rope)} are not supported"
+    )
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind not in ROPE_KEYS:
+    raise UnsupportedModelError(
+      f"{source}: rope_type={kind!r} is not supported; memzoo reproduces {sorted(ROPE_KEYS)}"
+    )
+  known = ROPE_KEYS[kind] | {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+  for key, value in rope.items():
+    if key not in known:
+      raise UnsupportedModelError(
+        f"{source}: rope key {key!r} (= {value!r}) is not understood for rope_type={kind!r}"
+      )
+  if rope.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
+    raise UnsupportedModelError(
+      f"{source}: partial_rotary_factor={rope['partial_rotary_factor']!r}; memzoo rotates the "
+      "whole head"
+    )
+  theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  if kind == "default":
+    return theta, None
+  # As transformers: a top-level original_max_position_embeddings wins (Phi3 style), then the
+  # one in the dict, then max_position_embeddings.
+  orig = int(
+    hf.get("original_max_position_embeddings")
+    or rope.get("original_max_position_embeddings")
+    or max_len
+  )
+
+  def factor(default: float | None = None) -> float:
+    f = rope.get("factor")
+    if f is None:
+      if default is None:
+        raise UnsupportedModelError(f"{source}: rope_type={kind!r} needs a 'factor'")
+      return default
+    return float(f)
+
+  if kind == "linear":
+    return theta, {"kind": "linear", "factor": factor()}
+  if kind == "dynamic":
+    # transformers' dynamic NTK grows beyond max_position_embeddings, not an original length.
+    return theta, {"kind": "dynamic_ntk", "factor": factor(), "original_max_len": max_len}
+  if kind == "yarn":
+    out = {
+      "kind": "yarn",
+      "factor": factor(max_len / orig),
+      "original_max_len": orig,
+      "beta_fast": float(rope.get("beta_fast") or 32),
+      "beta_slow": float(rope.get("beta_slow") or 1),
+      "truncate": bool(rope.get("truncate", True)),
+    }
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+      if rope.get(key) is not None:
+        out[key] = float(rope[key])
+    return theta, out
+  if kind == "llama3":
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+      if rope.get(key) is None:
+        raise UnsupportedModelError(f"{source}: rope_type='llama3' needs {key!r}")
+    return theta, {
+      "kind": "llama3",
+      "factor": factor(),
+      "original_max_len": orig,
+      "low_freq_factor": float(rope["low_freq_factor"]),
+      "high_freq_factor": float(rope["high_freq_factor"]),
+    }
+  # longrope
+  for key in ("short_factor", "long_factor"):
+    if not isinstance(rope.get(key), list):
+      raise UnsupportedModelError(f"{source}: rope_type='longrope' needs a list {key!r}")
+  out = {
+    "kind": "longrope",
+    "factor": factor(max_len / orig),
+    "original_max_len": orig,
+    "short_factor": [float(x) for x in rope["short_factor"]],
+    "long_factor": [float(x) for x in rope["long_factor"]],
+  }
+  if rope.get("attention_factor") is not None:
+    out["attention_factor"] = float(rope["attention_factor"])
+  return theta, out
+
+
+def _windows(hf: dict[str, Any], family: str, n_layers: int, source: str) -> dict[str, Any]:
+  """``window`` / ``window_layers`` as transformers applies them per layer."""
+  if family == "llama":
+    return {}
+  if family == "mistral":  # one window for every layer
+    w = hf.get("sliding_window")
+    return {"window": int(w)} if w else {}
+  # Qwen2/Qwen3: the window applies only when use_sliding_window, and only to the layers that
+  # layer_types (or, without it, max_window_layers) marks as sliding.
+  w = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+  types = hf.get("layer_types")
+  if types is None:
+    first = hf["max_window_layers"]
+    types = [
+      "sliding_attention" if w is not None and i >= first else "full_attention"
+      for i in range(n_layers)
+    ]
+  if len(types) != n_layers or not set(types) <= {"full_attention", "sliding_attention"}:
+    raise UnsupportedModelError(
+      f"{source}: layer_types={types!r}; memzoo reads {n_layers} of full_attention / "
+      "sliding_attention"
+    )
+  sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+  if not w or not sliding:
+    return {}
+  out: dict[str, Any] = {"window": int(w)}
+  if len(sliding) < n_layers:
+    out["window_layers"] = list(sliding)
   return out
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
   """memzoo ``model`` section (``name: transformer`` + fields) for an HF config dict.
 
+  Every key is either inert (``INERT_KEYS``), read and reproduced, or refused: nothing that
+  could change the model's outputs is silently dropped.
+
   Raises:
-    UnsupportedModelError: an architecture or option memzoo's transformer does not have.
+    UnsupportedModelError: an architecture, key or value memzoo's transformer does not have,
+      named in the message.
   """
   arch = (hf.get("architectures") or [None])[0]
   if arch not in ARCHITECTURES:
     raise UnsupportedModelError(
       f"{source}: architecture {arch!r} is not supported; memzoo imports {sorted(ARCHITECTURES)}"
     )
-  act = hf.get("hidden_act", "silu")
-  if act != "silu":
-    raise UnsupportedModelError(f"{source}: hidden_act={act!r}; memzoo's SwiGLU uses silu")
-  if hf.get("mlp_bias"):
-    raise UnsupportedModelError(f"{source}: mlp_bias=true; memzoo's MLP has no biases")
-  if arch == "LlamaForCausalLM" and hf.get("attention_bias"):
-    raise UnsupportedModelError(f"{source}: attention_bias=true; memzoo's attention has no biases")
+  family = ARCHITECTURES[arch]
+  allowed = INERT_KEYS | COMMON_KEYS | FAMILY_KEYS[family]
+  for key, value in hf.items():
+    if key not in allowed:
+      raise UnsupportedModelError(
+        f"{source}: key {key!r} (= {value!r}) is not understood for {arch}; memzoo refuses "
+        "keys that may change the model rather than ignore them"
+      )
+    if key in ONLY_VALUES and value not in ONLY_VALUES[key]:
+      raise UnsupportedModelError(
+        f"{source}: {key}={value!r} is not supported (memzoo reproduces {ONLY_VALUES[key]})"
+      )
+  hf = {**FAMILY_DEFAULTS[family], **hf}
   d, h = hf["hidden_size"], hf["num_attention_heads"]
+  n_layers = hf["num_hidden_layers"]
+  max_len = int(hf["max_position_embeddings"])
+  theta, scaling = _rope_section(hf, max_len, source)
+  bias = bool(hf.get("attention_bias", False))
   model: dict[str, Any] = {
     "name": "transformer",
     "vocab_size": hf["vocab_size"],
     "d_model": d,
-    "n_layers": hf["num_hidden_layers"],
+    "n_layers": n_layers,
     "n_heads": h,
     "n_kv_heads": hf.get("num_key_value_heads") or h,
     "head_dim": hf.get("head_dim") or d // h,
     "d_ff": hf["intermediate_size"],
-    "max_len": hf.get("max_position_embeddings", 2048),
-    "rope_base": float(hf.get("rope_theta", 10000.0)),
+    "max_len": max_len,
+    "rope_base": theta,
     "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
     "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    # Qwen2 always has q/k/v biases; Llama/Qwen3 attention_bias puts one on o as well.
+    "qkv_bias": family == "qwen2" or bias,
+    "out_bias": bias,
+    "qk_norm": family == "qwen3",
+    **_windows(hf, family, n_layers, source),
   }
-  window = hf.get("sliding_window")
-  if arch == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
-    window = None
-  if window:
-    model["window"] = int(window)
-  scaling = hf.get("rope_scaling")
-  if scaling:
-    kind = scaling.get("rope_type", scaling.get("type"))
-    factor = float(scaling.get("factor", 1.0))
-    if kind == "linear":
-      model["rope_scaling"] = {"kind": "linear", "factor": factor}
-    elif kind == "dynamic":
-      model["rope_scaling"] = {
-        "kind": "dynamic_ntk",
-        "factor": factor,
-        "original_max_len": model["max_len"],
-      }
-    elif kind == "yarn":
-      model["rope_scaling"] = {
-        "kind": "yarn",
-        "factor": factor,
-        "original_max_len": int(scaling.get("original_max_position_embeddings", model["max_len"])),
-      }
-    else:
-      raise UnsupportedModelError(f"{source}: rope_scaling type {kind!r} is not supported")
+  if scaling is not None:
+    model["rope_scaling"] = scaling
   return model
 
 
-def to_hf_weights(weights: dict[str, np.ndarray], cfg: Any) -> dict[str, np.ndarray]:
-  """memzoo flat parameters -> HF tensor names and ``[out, in]`` layouts."""
-  d = cfg.d_model
-  out = {
-    "model.embed_tokens.weight": weights["embed"],
-    "model.norm.weight": weights["final_norm.scale"],
-  }
-  if not cfg.tie_embeddings:
-    out["lm_head.weight"] = weights["unembed"].T
-  for i in range(cfg.n_layers):
-    m, p = f"blocks.{i}.", f"model.layers.{i}."
-    out[p + "input_layernorm.weight"] = weights[m + "attn_norm.scale"]
-    out[p + "post_attention_layernorm.weight"] = weights[m + "mlp_norm.scale"]
-    for x in "qkv":
-      out[p + f"self_attn.{x}_proj.weight"] = weights[m + f"attn.w{x}"].reshape(d, -1).T
-    out[p + "self_attn.o_proj.weight"] = weights[m + "attn.wo"].reshape(-1, d).T
-    for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
-      out[p + f"mlp.{theirs}.weight"] = weights[m + f"mlp.{ours}"].T
-  return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+def _weight_plan(cfg: Any) -> dict[str, tuple[str, tuple[int, ...], Any]]:
+  """``{memzoo name: (HF name, HF shape, HF array -> memzoo array)}`` for ``cfg``.
 
-
-def from_hf_weights(hf: dict[str, np.ndarray], cfg: Any, source: str) -> dict[str, np.ndarray]:
-  """HF tensors -> memzoo flat parameters; checks every shape against ``cfg``.
-
-  Raises:
-    CorruptFileError: a tensor is missing or has the wrong shape.
-    UnsupportedModelError: non-zero attention biases (Qwen2) that memzoo cannot hold.
+  HF ``nn.Linear`` stores ``[out, in]``; memzoo keeps ``wq [D,H,Dh]``, ``wk/wv [D,K,Dh]``,
+  ``wo [H,Dh,D]`` and ``[in, out]`` MLP matrices: a transpose plus a reshape each.
   """
-  d, h, k, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
-
-  def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    if name not in hf:
-      raise CorruptFileError(f"{source}: tensor {name!r} is missing")
-    w = np.asarray(hf[name], np.float32)
-    if w.shape != shape:
-      raise CorruptFileError(
-        f"{source}: tensor {name!r} has shape {w.shape}, config.json implies {shape}"
-      )
-    return w
-
-  out = {
-    "embed": get("model.embed_tokens.weight", (cfg.vocab_size, d)),
-    "final_norm.scale": get("model.norm.weight", (d,)),
+  d, h, k, dh, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.d_ff
+  same = lambda w: w  # noqa: E731
+  t = lambda w: w.T  # noqa: E731
+  plan = {
+    "embed": ("model.embed_tokens.weight", (cfg.vocab_size, d), same),
+    "final_norm.scale": ("model.norm.weight", (d,), same),
   }
   if not cfg.tie_embeddings:
-    out["unembed"] = get("lm_head.weight", (cfg.vocab_size, d)).T
+    plan["unembed"] = ("lm_head.weight", (cfg.vocab_size, d), t)
   for i in range(cfg.n_layers):
     m, p = f"blocks.{i}.", f"model.layers.{i}."
-    out[m + "attn_norm.scale"] = get(p + "input_layernorm.weight", (d,))
-    out[m + "mlp_norm.scale"] = get(p + "post_attention_layernorm.weight", (d,))
+    plan[m + "attn_norm.scale"] = (p + "input_layernorm.weight", (d,), same)
+    plan[m + "mlp_norm.scale"] = (p + "post_attention_layernorm.weight", (d,), same)
     for x, heads in (("q", h), ("k", k), ("v", k)):
-      w = get(p + f"self_attn.{x}_proj.weight", (heads * dh, d))
-      out[m + f"attn.w{x}"] = w.T.reshape(d, heads, dh)
-      bias = hf.get(p + f"self_attn.{x}_proj.bias")
-      if bias is not None and np.any(np.asarray(bias) != 0):
-        raise UnsupportedModelError(
-          f"{source}: {p}self_attn.{x}_proj.bias is non-zero; memzoo's attention has no biases"
+      plan[m + f"attn.w{x}"] = (
+        p + f"self_attn.{x}_proj.weight",
+        (heads * dh, d),
+        lambda w, heads=heads: w.T.reshape(d, heads, dh),
+      )
+      if cfg.qkv_bias:
+        plan[m + f"attn.bias.{x}"] = (
+          p + f"self_attn.{x}_proj.bias",
+          (heads * dh,),
+          lambda w, heads=heads: w.reshape(heads, dh),
         )
-    out[m + "attn.wo"] = get(p + "self_attn.o_proj.weight", (d, h * dh)).T.reshape(h, dh, d)
-    f = cfg.d_ff
-    out[m + "mlp.w_gate"] = get(p + "mlp.gate_proj.weight", (f, d)).T
-    out[m + "mlp.w_up"] = get(p + "mlp.up_proj.weight", (f, d)).T
-    out[m + "mlp.w_down"] = get(p + "mlp.down_proj.weight", (d, f)).T
+    plan[m + "attn.wo"] = (
+      p + "self_attn.o_proj.weight",
+      (d, h * dh),
+      lambda w: w.T.reshape(h, dh, d),
+    )
+    if cfg.out_bias:
+      plan[m + "attn.out_bias"] = (p + "self_attn.o_proj.bias", (d,), same)
+    if cfg.qk_norm:
+      plan[m + "attn.q_norm.scale"] = (p + "self_attn.q_norm.weight", (dh,), same)
+      plan[m + "attn.k_norm.scale"] = (p + "self_attn.k_norm.weight", (dh,), same)
+    plan[m + "mlp.w_gate"] = (p + "mlp.gate_proj.weight", (f, d), t)
+    plan[m + "mlp.w_up"] = (p + "mlp.up_proj.weight", (f, d), t)
+    plan[m + "mlp.w_down"] = (p + "mlp.down_proj.weight", (d, f), t)
+  return plan
+
+
+def to_hf_weights(weights: dict[str, np.ndarray], cfg: Any) -> dict[str, np.ndarray]:
+  """memzoo flat parameters -> HF tensor names and ``[out, in]`` layouts (float32)."""
+  d, dh = cfg.d_model, cfg.resolved_head_dim
+  out = {}
+  for ours, (theirs, shape, _) in _weight_plan(cfg).items():
+    w = np.asarray(weights[ours], np.float32)
+    if ours.endswith(("attn.wq", "attn.wk", "attn.wv")):
+      w = w.reshape(d, -1).T
+    elif ours.endswith("attn.wo"):
+      w = w.reshape(-1, d).T
+    elif ours == "unembed" or ".mlp." in ours:
+      w = w.T
+    out[theirs] = np.ascontiguousarray(w.reshape(shape))
+  # Qwen2 always has q/k/v biases: a model without them exports zeros, which is the same.
+  if export_target(cfg) == "Qwen2ForCausalLM" and not cfg.qkv_bias:
+    for i in range(cfg.n_layers):
+      p = f"model.layers.{i}.self_attn."
+      for x, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)):
+        out[p + f"{x}_proj.bias"] = np.zeros((heads * dh,), np.float32)
   return out
 
 
 def export_hf(model: nnx.Module, out: str | Path) -> Path:
-  """Writes ``out/{config.json, model.safetensors}`` in HF Llama layout; returns ``out``."""
+  """Writes ``out/{config.json, model.safetensors}`` as the ``transformers`` architecture that
+  holds the model (``export_target``: Llama, Qwen2 or Qwen3); returns ``out``."""
   from safetensors.numpy import save_file
 
   cfg = model.config
-  hf_cfg = config_to_hf(cfg)  # refuses what Llama cannot express before anything is written
+  hf_cfg = config_to_hf(cfg)  # refuses what HF cannot express before anything is written
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   save_file(
@@ -225,8 +547,72 @@ def export_hf(model: nnx.Module, out: str | Path) -> Path:
   return out
 
 
-def read_hf(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """(config.json dict, all tensors) of an HF directory (one or several safetensors shards)."""
+# safetensors dtype names -> numpy dtypes (bfloat16 through ml_dtypes, as JAX uses it).
+_DTYPES = {
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+}
+_PARAM_DTYPES = {"F32": "float32", "F64": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+class SafetensorsIndex:
+  """The tensors of one or more safetensors files, read one at a time on request.
+
+  Only the headers are read up front (names, dtypes, shapes, offsets, checked against the file
+  sizes); ``read(name)`` then reads that tensor's bytes, in its stored dtype. Nothing is mapped
+  or kept, so reading a model tensor by tensor holds one tensor at a time.
+  """
+
+  def __init__(self, files: list[Path]):
+    self.entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
+    for path in files:
+      size = path.stat().st_size
+      try:
+        with open(path, "rb") as f:
+          n = int(np.frombuffer(f.read(8), "<u8")[0])
+          if n > size - 8:
+            raise InputError(f"header of {n} bytes in a {size}-byte file")
+          header = json.loads(f.read(n))
+      except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise CorruptFileError(
+          f"{path}: not a readable safetensors file (truncated?): {e}"
+        ) from None
+      for name, info in header.items():
+        if name == "__metadata__":
+          continue
+        start, end = info["data_offsets"]
+        if 8 + n + end > size:
+          raise CorruptFileError(
+            f"{path}: tensor {name!r} ends at byte {8 + n + end} of a {size}-byte file (truncated)"
+          )
+        self.entries[name] = (path, info["dtype"], tuple(info["shape"]), 8 + n + start, 8 + n + end)
+
+  def names(self) -> set[str]:
+    return set(self.entries)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self.entries[name][2]
+
+  def dtype(self, name: str) -> str:
+    return self.entries[name][1]
+
+  def read(self, name: str) -> np.ndarray:
+    path, dtype, shape, start, end = self.entries[name]
+    if dtype not in _DTYPES:
+      raise CorruptFileError(
+        f"{path}: tensor {name!r} has dtype {dtype}; memzoo reads {list(_DTYPES)}"
+      )
+    count = int(np.prod(shape, dtype=np.int64))
+    w = np.fromfile(path, dtype=_DTYPES[dtype], count=count, offset=start)
+    if w.size != count or w.nbytes != end - start:
+      raise CorruptFileError(f"{path}: tensor {name!r} is truncated")
+    return w.reshape(shape)
+
+
+def open_hf(directory: str | Path) -> tuple[dict[str, Any], SafetensorsIndex]:
+  """(config.json dict, tensor index) of an HF directory (one or several safetensors shards)."""
   directory = Path(directory)
   if not (directory / "config.json").is_file():
     raise MissingFileError(f"{directory} has no config.json; is it a Hugging Face model directory?")
@@ -236,60 +622,147 @@ def read_hf(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray
   files = sorted(directory.glob("*.safetensors"))
   if not files:
     raise MissingFileError(f"{directory} has no *.safetensors weights (PyTorch .bin is not read)")
-  tensors: dict[str, np.ndarray] = {}
-  for f in files:
-    tensors.update(read_safetensors(f))
-  return hf_cfg, tensors
+  return hf_cfg, SafetensorsIndex(files)
+
+
+def read_hf(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(config.json dict, all tensors in memory); for small models and tests."""
+  hf_cfg, index = open_hf(directory)
+  return hf_cfg, {n: index.read(n) for n in sorted(index.names())}
+
+
+def stored_param_dtype(index: SafetensorsIndex) -> str:
+  """memzoo ``param_dtype`` of a checkpoint: the dtype its embedding is stored in."""
+  return _PARAM_DTYPES.get(index.dtype("model.embed_tokens.weight"), "float32")
+
+
+def check_tensors(index: SafetensorsIndex, cfg: Any, source: str) -> None:
+  """Every tensor ``cfg`` needs is there with its shape, and nothing else is (before reading).
+
+  Raises:
+    CorruptFileError: a missing or mis-shaped tensor.
+    UnsupportedModelError: a tensor memzoo has no place for (e.g. an o_proj bias).
+  """
+  plan = _weight_plan(cfg)
+  for _, (name, shape, _) in plan.items():
+    if name not in index.entries:
+      raise CorruptFileError(f"{source}: tensor {name!r} is missing")
+    if index.shape(name) != shape:
+      raise CorruptFileError(
+        f"{source}: tensor {name!r} has shape {index.shape(name)}, config.json implies {shape}"
+      )
+  wanted = {name for name, _, _ in plan.values()}
+  for name in sorted(index.names() - wanted):
+    if name.endswith("rotary_emb.inv_freq"):  # a buffer of old checkpoints, recomputed
+      continue
+    if name == "lm_head.weight" and cfg.tie_embeddings:
+      # Tied: transformers uses the embedding; a different stored head would be a silent lie.
+      if not np.array_equal(index.read(name), index.read("model.embed_tokens.weight")):
+        raise UnsupportedModelError(
+          f"{source}: tie_word_embeddings=true but lm_head.weight differs from the embedding"
+        )
+      continue
+    raise UnsupportedModelError(
+      f"{source}: tensor {name!r} has no place in this {cfg.n_layers}-layer transformer "
+      f"(qkv_bias={cfg.qkv_bias}, out_bias={cfg.out_bias}, qk_norm={cfg.qk_norm})"
+    )
+
+
+def read_params(
+  index: SafetensorsIndex, cfg: Any, abstract: nnx.State, shardings: Any = None
+) -> nnx.State:
+  """The ``nnx.Param`` state of ``cfg`` filled tensor by tensor from ``index``.
+
+  Each tensor is read in its stored dtype, transposed/reshaped to memzoo's layout, cast to the
+  parameter's dtype and placed on its device(s) (``shardings``: a matching tree of
+  ``NamedSharding``, or None for the default device) before the next one is read.
+  """
+  plan = _weight_plan(cfg)
+  flat_shardings = None
+  if shardings is not None:
+    flat_shardings = {".".join(str(p) for p in path): s for path, s in nnx.to_flat_state(shardings)}
+  out = []
+  for path, var in nnx.to_flat_state(abstract):
+    name = ".".join(str(p) for p in path)
+    hf_name, _, transform = plan[name]
+    want = var.get_value()
+    w = transform(index.read(hf_name)).astype(want.dtype, copy=False)
+    if tuple(w.shape) != tuple(want.shape):
+      raise CorruptFileError(f"tensor {hf_name!r} maps to {w.shape}, the model has {want.shape}")
+    target = flat_shardings[name] if flat_shardings is not None else None
+    value = jax.device_put(w, target) if target is not None else jnp.asarray(w)
+    del w
+    out.append((path, var.replace(value)))
+  return nnx.from_flat_state(out)
 
 
 def load_hf(directory: str | Path, **model_overrides: Any):
   """(memzoo TransformerConfig, model with the HF weights) of an HF directory."""
   import zoo
 
-  hf_cfg, tensors = read_hf(directory)
+  hf_cfg, index = open_hf(directory)
   section = config_from_hf(hf_cfg, str(Path(directory) / "config.json"))
   section.pop("name")
-  section.update(model_overrides)
+  dt = stored_param_dtype(index)
+  section = {"param_dtype": dt, "dtype": dt, **section, **model_overrides}
   cfg = zoo.config("transformer", "tiny", **section)
-  model = zoo.build(cfg, rngs=nnx.Rngs(0))
-  weights = from_hf_weights(tensors, cfg, str(directory))
-  assign_params(model, weights, str(directory))
-  return cfg, model
+  check_tensors(index, cfg, str(directory))
+  graphdef, abstract, rest = nnx.split(
+    nnx.eval_shape(lambda: zoo.build(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...
+  )
+  params = read_params(index, cfg, abstract)
+  return cfg, nnx.merge(graphdef, params, rest)
 
 
-def import_hf(directory: str | Path, run_dir: str | Path, **sections: Any) -> Path:
+def import_hf(
+  directory: str | Path, run_dir: str | Path, overrides: list[str] | None = None, **sections: Any
+) -> Path:
   """Turns an HF directory into a memzoo run at ``run_dir`` (config.yaml + step-0 checkpoint).
+
+  The config is read and validated and every tensor's shape checked before anything is
+  written; then the weights are read one tensor at a time in their stored dtype (bfloat16
+  stays bfloat16: ``model.param_dtype`` follows it) and placed on the run's mesh, sharded by
+  the parameters' logical axes. The checkpoint holds the parameters only; ``memzoo train`` on
+  the run creates the optimizer state when it resumes from it.
 
   Args:
     directory: local HF model (config.json, *.safetensors, optionally tokenizer.json).
     run_dir: the run to create; must not hold a checkpoint yet.
+    overrides: ``key=value`` settings for the run's config (``data.seq_len=256``,
+      ``mesh.fsdp=4``, ``model.dtype=float32``), as ``memzoo train`` takes them.
     sections: extra experiment sections (``data``, ``train``, ``mesh``) merged into the config.
   Returns:
     ``run_dir``.
 
   Raises:
     FileExistsError: ``run_dir`` already holds a checkpoint (checked before reading weights).
+    UnsupportedModelError: a config key, RoPE type or tensor memzoo does not reproduce.
   """
+  from pipelines import sharding
   from pipelines.checkpoint import Checkpointer
-  from pipelines.optim import optimizer
   from pipelines.train import build_model
 
   directory, run_dir = Path(directory), Path(run_dir)
   # Refused before any weight is read: importing would overwrite a trained run's step 0.
   if _has_checkpoint(run_dir):
     raise FileExistsError(f"{run_dir} already holds a checkpoint; import into a new run")
-  hf_cfg, tensors = read_hf(directory)
-  model_section = config_from_hf(hf_cfg, str(directory / "config.json"))
-  raw = {"model": model_section, "run_dir": str(run_dir), "mesh": {"data": 1}, **sections}
-  # data.seq_len may not exceed model.max_len: a short model trains at its own maximum.
-  seq_len = min(config_lib.DataConfig().seq_len, model_section["max_len"])
-  raw["data"] = {"seq_len": seq_len, **(sections.get("data") or {})}
-  exp = config_lib.from_dict(raw, source=str(directory / "config.json"))
-  weights = from_hf_weights(tensors, exp.model, str(directory))
-  graphdef, params, rest = build_model(exp)
-  model = nnx.merge(graphdef, params, rest)
-  assign_params(model, weights, str(directory))
-  params = nnx.state(model, nnx.Param)
+  hf_cfg, index = open_hf(directory)
+  source = str(directory / "config.json")
+  model_section = config_from_hf(hf_cfg, source)
+  dt = stored_param_dtype(index)
+  model_section = {**model_section, "param_dtype": dt, "dtype": dt}
+  raw = {"model": model_section, "run_dir": str(run_dir), "mesh": {"data": 1}}
+  raw = config_lib.merge(raw, sections)
+  raw = config_lib.merge(raw, config_lib.parse_overrides(overrides or []))
+  if raw.get("run_dir") != str(run_dir):
+    raise config_lib.ConfigError(f"{source}: run_dir is the import's RUN argument ({run_dir})")
+  exp = config_lib.from_dict(raw, source=source)
+  check_tensors(index, exp.model, str(directory))
+  mesh = sharding.make_mesh(exp.mesh)
+
+  # Shapes only: no parameter is initialised, so the weights are held once (as read).
+  _, abstract, _ = jax.eval_shape(lambda: build_model(exp))
+  params = read_params(index, exp.model, abstract, sharding.param_shardings(abstract, mesh))
 
   run_dir.mkdir(parents=True, exist_ok=True)
   ckpt = Checkpointer(run_dir, async_save=False)
@@ -297,9 +770,13 @@ def import_hf(directory: str | Path, run_dir: str | Path, **sections: Any) -> Pa
     if ckpt.latest_step() is not None:
       raise FileExistsError(f"{run_dir} already holds a checkpoint; import into a new run")
     config_lib.dump(exp, run_dir / "config.yaml")
-    state = {"params": params, "opt": optimizer(exp.train).init(params)}
-    meta = {"step": 0, "model": "transformer", "imported_from": str(directory.absolute())}
-    ckpt.save(0, state, None, meta)
+    meta = {
+      "step": 0,
+      "model": "transformer",
+      "imported_from": str(directory.absolute()),
+      "optimizer": False,
+    }
+    ckpt.save(0, {"params": params}, None, meta)
   finally:
     ckpt.close()
   for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):

@@ -236,13 +236,17 @@ def _train(exp: config_lib.Experiment, run_dir: Path, on_step) -> TrainResult:
   start = 0
   if ckpt.latest_step() is not None:
     # A step that fails its checksums or holds NaN is moved aside (this run holds the lock), so
-    # the run goes on from the previous one and can save that step number again.
-    restored = ckpt.restore(abstract({"params": params, "opt": opt_state}), set_aside=True)
+    # the run goes on from the previous one and can save that step number again. An imported
+    # run's step 0 holds parameters only: its optimizer state starts fresh here.
+    target = {"params": params, "opt": opt_state} if ckpt.has_optimizer() else {"params": params}
+    restored = ckpt.restore(abstract(target), set_aside=True)
     if restored is None:
       log.warning("no intact checkpoint left in %s; training from step 0", ckpt.directory)
     else:
       start, state, data_state, _ = restored
-      params, opt_state = state["params"], sharding.place_state(state["opt"], mesh)
+      params = state["params"]
+      if "opt" in state:
+        opt_state = sharding.place_state(state["opt"], mesh)
       if data_state is not None:
         it.set_state(data_state)
   # Every process sees the same (global) metrics; one writes them.
@@ -336,9 +340,10 @@ def load_run(run_dir: str | Path, step: int | None = None):
   try:
     if ckpt.latest_step() is None:
       raise MissingFileError(f"{run_dir} has no checkpoint")
-    tx = optimizer(exp.train)
-    target = abstract({"params": params, "opt": tx.init(params)})
-    s, state, _, _ = ckpt.restore(target, step)
+    target = {"params": params}
+    if ckpt.has_optimizer(step):
+      target["opt"] = optimizer(exp.train).init(params)
+    s, state, _, _ = ckpt.restore(abstract(target), step)
   finally:
     ckpt.close()
   model = nnx.merge(graphdef, state["params"], rest)

@@ -64,6 +64,7 @@ def test_causal(window, conv):
     {"tie_embeddings": False},
     {"conv_width": 3},
     {"conv_width": 4, "window": 6, "sinks": 2},
+    {"qkv_bias": True, "out_bias": True, "qk_norm": True, "window": 6, "window_layers": (1,)},
   ],
 )
 def test_decode_matches_forward(cfg_kw):
@@ -166,6 +167,16 @@ def test_bfloat16_compute_close_to_float32():
     RopeScaling(kind="yarn", factor=2.0, original_max_len=16),
     RopeScaling(kind="abf", base=500000.0),
     RopeScaling(kind="truncated", original_max_len=16),
+    RopeScaling(kind="llama3", factor=8.0, original_max_len=16),
+    # Length-dependent variants: within their training length decode equals the forward.
+    RopeScaling(kind="dynamic_ntk", factor=2.0, original_max_len=16),
+    RopeScaling(
+      kind="longrope",
+      factor=2.0,
+      original_max_len=16,
+      short_factor=(1.5,) * 8,
+      long_factor=(3.0,) * 8,
+    ),
   ],
 )
 def test_rope_scaling_variants_decode_consistently(scaling):
@@ -174,3 +185,39 @@ def test_rope_scaling_variants_decode_consistently(scaling):
   full = forward_fn(model)(x)
   logits, _ = step_fn(model)(x, model.init_state(1, 12))
   np.testing.assert_allclose(logits, full, atol=ATOL)
+
+
+def test_windows_apply_only_to_the_listed_layers():
+  x = tokens(8, 1, 16)
+  full = forward_fn(zoo.build(tiny(), rngs=2))(x)
+  both = forward_fn(zoo.build(tiny(window=4), rngs=2))(x)
+  second = forward_fn(zoo.build(tiny(window=4, window_layers=(1,)), rngs=2))(x)
+  # Within the window all three agree; beyond it one windowed layer differs from none and
+  # from two, so the layer list is honoured rather than ignored or applied to every layer.
+  np.testing.assert_allclose(second[:, :4], full[:, :4], atol=ATOL)
+  assert np.abs(np.asarray(second - full)[:, 8:]).max() > 1e-3
+  assert np.abs(np.asarray(second - both)[:, 8:]).max() > 1e-3
+
+
+def test_bias_and_qk_norm_change_the_output_and_decode_with_them():
+  cfg = tiny(qkv_bias=True, out_bias=True, qk_norm=True, n_layers=1)
+  model = zoo.build(cfg, rngs=3)
+  x = tokens(9, 2, 12)
+  before = forward_fn(model)(x)
+  attn = model.blocks[0].attn
+  for v in (attn.bias["q"], attn.bias["k"], attn.bias["v"], attn.out_bias, attn.q_norm.scale):
+    v[...] = v[...] + 0.5 * jax.random.normal(jax.random.key(1), v[...].shape)
+  after = forward_fn(model)(x)
+  assert np.abs(np.asarray(after - before)).max() > 1e-3
+  stepped, _ = decode_all(model, x, 16, prefill=5)
+  np.testing.assert_allclose(stepped, after, atol=ATOL)
+
+
+def test_param_dtype_stores_parameters_rounded():
+  f32 = zoo.build(tiny(), rngs=4)
+  bf16 = zoo.build(tiny(param_dtype="bfloat16"), rngs=4)
+  a = nnx.state(f32, nnx.Param)
+  b = nnx.state(bf16, nnx.Param)
+  for (path, va), (_, vb) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
+    assert vb[...].dtype == jnp.bfloat16, path
+    np.testing.assert_array_equal(vb[...], va[...].astype(jnp.bfloat16))

@@ -11,8 +11,15 @@ from flax import nnx
 import ops.attention as attn_ops
 from zoo.layers import parallel
 from zoo.layers.conv import ShortConv
+from zoo.layers.norms import RMSNorm
 from zoo.layers.params import fan_in, param
-from zoo.layers.rope import RopeScaling, apply_rope, inv_frequencies
+from zoo.layers.rope import (
+  LENGTH_DEPENDENT,
+  RopeScaling,
+  apply_rope,
+  inv_frequencies,
+  length_frequencies,
+)
 
 CAUSAL = attn_ops.Mask(causal=True)
 
@@ -29,6 +36,11 @@ class Attention(nnx.Module):
   layer's own paths (``__call__``, ``step``) apply it; ``project`` refuses, so the cache
   policies built on raw projections (StreamingLLM, Duo, InfLLM, landmark) cannot silently skip
   it.
+
+  ``qkv_bias`` adds biases to the q, k, v projections and ``out_bias`` to the output one (Qwen2
+  has the first, Llama's ``attention_bias`` both). ``qk_norm`` applies an RMSNorm over
+  ``head_dim`` to each query and key head before RoPE (Qwen3), with ``norm_eps``. Both sit in
+  the raw projection (``project``), so the cache policies built on it see them too.
   """
 
   def __init__(
@@ -43,6 +55,10 @@ class Attention(nnx.Module):
     mask: attn_ops.Mask | tuple[attn_ops.Mask, ...] = CAUSAL,
     implementation: str | None = None,
     conv_width: int = 0,
+    qkv_bias: bool = False,
+    out_bias: bool = False,
+    qk_norm: bool = False,
+    norm_eps: float = 1e-6,
     rngs: nnx.Rngs,
   ):
     self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
@@ -60,6 +76,25 @@ class Attention(nnx.Module):
       (n_heads, head_dim, d_model),
       ("heads", "head_dim", "embed"),
     )
+    zeros = jax.nn.initializers.zeros
+    self.bias = (
+      nnx.Dict(
+        {
+          "q": param(rngs, zeros, (n_heads, head_dim), ("heads", "head_dim")),
+          "k": param(rngs, zeros, (n_kv_heads, head_dim), ("kv_heads", "head_dim")),
+          "v": param(rngs, zeros, (n_kv_heads, head_dim), ("kv_heads", "head_dim")),
+        }
+      )
+      if qkv_bias
+      else None
+    )
+    self.out_bias = param(rngs, zeros, (d_model,), ("embed",)) if out_bias else None
+    self.q_norm = (
+      RMSNorm(head_dim, eps=norm_eps, axis_name="head_dim", rngs=rngs) if qk_norm else None
+    )
+    self.k_norm = (
+      RMSNorm(head_dim, eps=norm_eps, axis_name="head_dim", rngs=rngs) if qk_norm else None
+    )
     heads = {"q": (n_heads, "heads"), "k": (n_kv_heads, "kv_heads"), "v": (n_kv_heads, "kv_heads")}
     self.conv = (
       nnx.Dict(
@@ -72,9 +107,16 @@ class Attention(nnx.Module):
       else None
     )
 
-  def rope(self, seq_len: int):
-    """(inv_freq, mscale) for a sequence whose longest position is ``seq_len``."""
-    return inv_frequencies(self.head_dim, self.rope_base, self.rope_scaling, seq_len)
+  def rope(self, seq_len):
+    """(inv_freq, mscale) for a sequence whose longest position is ``seq_len`` (an int, or a
+    traced ``[B]`` array for the length-dependent variants: then ``inv_freq [B, Dh/2]``)."""
+    if isinstance(seq_len, int):
+      return inv_frequencies(self.head_dim, self.rope_base, self.rope_scaling, seq_len)
+    return length_frequencies(self.head_dim, self.rope_base, self.rope_scaling, seq_len)
+
+  @property
+  def length_dependent_rope(self) -> bool:
+    return self.rope_scaling is not None and self.rope_scaling.kind in LENGTH_DEPENDENT
 
   def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Un-rotated ``q [B,T,H,Dh]``, ``k, v [B,T,K,Dh]`` (cache policies place RoPE themselves)."""
@@ -91,6 +133,10 @@ class Attention(nnx.Module):
     q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+    if self.bias is not None:
+      q, k, v = (y + self.bias[n][...].astype(dt) for y, n in ((q, "q"), (k, "k"), (v, "v")))
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
     return q, k, v
 
   def rotate(self, x: jax.Array, positions: jax.Array, seq_len: int) -> jax.Array:
@@ -124,7 +170,10 @@ class Attention(nnx.Module):
     return q, k, v, new_state
 
   def out(self, o: jax.Array) -> jax.Array:
-    return jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(o.dtype))
+    y = jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(o.dtype))
+    if self.out_bias is not None:
+      y = y + self.out_bias[...].astype(y.dtype)
+    return y
 
   def __call__(
     self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None
@@ -157,7 +206,10 @@ class Attention(nnx.Module):
     t = x.shape[1]
     max_len = cache["k"].shape[1]
     positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    q, k, v, conv = self.convolved_qkv(x, positions, max_len, conv_state=cache.get("conv"))
+    # Length-dependent RoPE (dynamic NTK, LongRoPE) rotates the new tokens with the frequencies
+    # of the length reached so far, as transformers' generation does; the others use any length.
+    seq_len = lengths + t if self.length_dependent_rope else max_len
+    q, k, v, conv = self.convolved_qkv(x, positions, seq_len, conv_state=cache.get("conv"))
     write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
     new = {
       "k": write(cache["k"], k.astype(cache["k"].dtype), lengths),

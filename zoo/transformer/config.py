@@ -24,13 +24,20 @@ class TransformerConfig:
     rope_base: RoPE base.
     rope_scaling: RoPE scaling for extrapolation (none by default).
     window: sliding-window attention width (None = full causal).
+    window_layers: the blocks (0-based) that use ``window``; None = every block (Qwen2's
+      ``layer_types`` / ``max_window_layers`` make only some layers sliding).
     sinks: attention-sink keys that stay visible through the window (StreamingLLM).
     conv_width: Primer's multi-dconv-head attention: a causal depthwise convolution of this
       width over time after the q, k and v projections (0 = none, the Llama layout; the
       training-free memories and the HF export need 0).
+    qkv_bias: biases on the q, k and v projections (Qwen2).
+    out_bias: a bias on the attention output projection (Llama ``attention_bias``).
+    qk_norm: RMSNorm over ``head_dim`` of every query and key head before RoPE (Qwen3).
     norm_eps: RMSNorm epsilon.
     tie_embeddings: output projection = transposed input embedding.
-    dtype: compute dtype; parameters stay float32.
+    dtype: compute dtype.
+    param_dtype: storage dtype of the parameters (float32 unless a checkpoint stored in
+      bfloat16/float16 is imported as such).
     attention_impl: ``ops.attention`` implementation (None = by backend).
   """
 
@@ -46,11 +53,16 @@ class TransformerConfig:
   rope_base: float = 10000.0
   rope_scaling: RopeScaling | None = None
   window: int | None = None
+  window_layers: tuple[int, ...] | None = None
   sinks: int = 0
   conv_width: int = 0
+  qkv_bias: bool = False
+  out_bias: bool = False
+  qk_norm: bool = False
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+  param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   attention_impl: str | None = None
 
   def __post_init__(self):
@@ -68,6 +80,12 @@ class TransformerConfig:
       raise ValueError(f"head_dim must be even for RoPE, got {self.resolved_head_dim}")
     if self.window is not None and self.window < 1:
       raise ValueError(f"window must be >= 1 or null, got {self.window}")
+    if self.window_layers is not None:
+      if self.window is None:
+        raise ValueError("window_layers needs a window (the width those layers use)")
+      bad = [i for i in self.window_layers if not 0 <= i < self.n_layers]
+      if bad:
+        raise ValueError(f"window_layers {bad} are not blocks of a {self.n_layers}-layer model")
     if self.sinks < 0:
       raise ValueError(f"sinks must be >= 0, got {self.sinks}")
     if self.conv_width < 0:
@@ -76,6 +94,12 @@ class TransformerConfig:
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+  def layer_window(self, layer: int) -> int | None:
+    """The sliding-window width of block ``layer`` (None = full causal)."""
+    if self.window_layers is not None and layer not in self.window_layers:
+      return None
+    return self.window
 
 
 def tiny(**overrides) -> TransformerConfig:

@@ -23,8 +23,9 @@ from zoo.transformer.config import TransformerConfig
 class Block(RematBlock, nnx.Module):
   """Pre-norm residual block: attention then SwiGLU."""
 
-  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: TransformerConfig, *, layer: int = 0, rngs: nnx.Rngs):
     c = config
+    window = c.layer_window(layer)
     self.attn_norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs)
     self.attn = Attention(
       c.d_model,
@@ -33,9 +34,13 @@ class Block(RematBlock, nnx.Module):
       c.resolved_head_dim,
       rope_base=c.rope_base,
       rope_scaling=c.rope_scaling,
-      mask=Mask(causal=True, window=c.window, sinks=c.sinks if c.window else 0),
+      mask=Mask(causal=True, window=window, sinks=c.sinks if window else 0),
       implementation=c.attention_impl,
       conv_width=c.conv_width,
+      qkv_bias=c.qkv_bias,
+      out_bias=c.out_bias,
+      qk_norm=c.qk_norm,
+      norm_eps=c.norm_eps,
       rngs=rngs,
     )
     self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs)
@@ -59,8 +64,14 @@ class Transformer(TokenEmbedding, ZooModel):
     c = config
     self.config = c
     self.init_embedding(c, rngs=rngs)
-    self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.n_layers)])
+    self.blocks = nnx.List([Block(c, layer=i, rngs=rngs) for i in range(c.n_layers)])
     self.init_output(c, rngs=rngs)
+    if c.param_dtype != "float32":
+      # Stored in the checkpoint's dtype (e.g. an imported bfloat16 model): no float32 copy.
+      dt = dtype_of(c.param_dtype)
+      for _, var in nnx.iter_graph(self):
+        if isinstance(var, nnx.Param):
+          var.set_value(var.get_value().astype(dt))
 
   def __call__(
     self,
