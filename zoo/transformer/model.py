@@ -15,6 +15,7 @@ from zoo.layers.attention import Attention
 from zoo.layers.embedding import TokenEmbedding
 from zoo.layers.mlp import SwiGLU
 from zoo.layers.norms import RMSNorm
+from zoo.layers.params import dtype_of
 from zoo.layers.positions import document_positions
 from zoo.layers.remat import RematBlock, checkpointed
 from zoo.transformer.config import TransformerConfig
