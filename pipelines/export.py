@@ -205,9 +205,12 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None, **kwargs: A
   if fmt == "safetensors":
     return save_safetensors(model, exp, out, step)
   if fmt == "hf":
-    from pipelines import hf
+    from pipelines import hf, tokenizers
 
-    return hf.export_hf(model, out)
+    hf.export_hf(model, out)
+    # The model's own tokenizer goes with it (transformers' AutoTokenizer reads it there).
+    tokenizers.export_files(run, exp, out)
+    return out
   save_safetensors(model, exp, out, step)
   export_stablehlo(model, out, seq_len=kwargs.get("seq_len", exp.data.seq_len))
   return out

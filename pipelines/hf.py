@@ -14,7 +14,6 @@ step 0, laid out as ``pipelines.train`` writes it) that ``load_run``, ``memzoo e
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from pipelines import config as config_lib
+from pipelines import tokenizers
 from pipelines.export import CorruptFileError, assign_params, flat_params, read_safetensors
 
 ARCHITECTURES = {
@@ -276,6 +276,11 @@ def import_hf(directory: str | Path, run_dir: str | Path, **sections: Any) -> Pa
     raise FileExistsError(f"{run_dir} already holds a checkpoint; import into a new run")
   hf_cfg, tensors = read_hf(directory)
   model_section = config_from_hf(hf_cfg, str(directory / "config.json"))
+  tok_file = next(
+    (n for n in ("tokenizer.json", "tokenizer.model") if (directory / n).is_file()), None
+  )
+  if tok_file is not None:  # the run reads the model's own tokenizer (copied below)
+    sections = {**sections, "data": {"tokenizer": tok_file, **(sections.get("data") or {})}}
   raw = {"model": model_section, "run_dir": str(run_dir), "mesh": {"data": 1}, **sections}
   exp = config_lib.from_dict(raw, source=str(directory / "config.json"))
   weights = from_hf_weights(tensors, exp.model, str(directory))
@@ -295,9 +300,7 @@ def import_hf(directory: str | Path, run_dir: str | Path, **sections: Any) -> Pa
     ckpt.save(0, state, None, meta)
   finally:
     ckpt.close()
-  for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
-    if (directory / name).is_file():
-      shutil.copy(directory / name, run_dir / name)
+  tokenizers.copy_files(directory, run_dir)
   (run_dir / "hf_config.json").write_text(json.dumps(hf_cfg, indent=2))
   return run_dir
 
