@@ -10,6 +10,8 @@ memzoo models                               list registered model families and p
 memzoo check CONFIG.yaml [key=value ...]    validate a config and print it resolved
 memzoo export RUN --format FMT [--out DIR]  safetensors, hf (Llama directory) or stablehlo
 memzoo import-hf DIR --run RUN              a local HF Llama/Mistral/Qwen2 model as a run
+memzoo generate RUN --prompt TEXT [--max-new-tokens N] [--temperature T] [--seed S]
+                [--method none|streaming|infllm|emllm|duo]   print the decoded continuation
 """
 
 from __future__ import annotations
@@ -134,6 +136,21 @@ def _import_hf(args) -> int:
   return 0
 
 
+def _generate(args) -> int:
+  from pipelines.generate import generate_text
+
+  out = generate_text(
+    args.run,
+    args.prompt,
+    args.max_new_tokens,
+    temperature=args.temperature,
+    seed=args.seed,
+    method=args.method,
+  )
+  print(out["text"])
+  return 0
+
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="memzoo", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
@@ -184,6 +201,19 @@ def parser() -> argparse.ArgumentParser:
   ih.add_argument("dir")
   ih.add_argument("--run", required=True, help="the run directory to create")
   ih.set_defaults(fn=_import_hf)
+  g = sub.add_parser("generate", help="continue a prompt with a run's model and tokenizer")
+  g.add_argument("run")
+  g.add_argument("--prompt", required=True, help="the text to continue")
+  g.add_argument("--max-new-tokens", type=int, default=64)
+  g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument(
+    "--method",
+    default="none",
+    choices=["none", "streaming", "infllm", "emllm", "duo"],
+    help="a training-free memory on the same weights (none = the model as it is)",
+  )
+  g.set_defaults(fn=_generate)
   return p
 
 

@@ -66,6 +66,11 @@ class HFTokenizer:
     ids = ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
     return np.asarray(ids, np.int32)
 
+  def encode_prompt(self, text: str) -> np.ndarray:
+    """Ids of a prompt as ``transformers`` makes them: the tokenizer's own post-processor adds
+    its specials (e.g. Llama's BOS), int32 ``[n]``."""
+    return np.asarray(self._tok.encode(text, add_special_tokens=True).ids, np.int32)
+
   def encode_marked(self, parts: Sequence[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
     """Encodes ``(text, mark)`` pieces as ONE text; returns (ids ``[n]``, mark per id ``[n]``).
 
@@ -164,6 +169,9 @@ class SentencePieceTokenizer(HFTokenizer):
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
+
+  def encode_prompt(self, text: str) -> np.ndarray:
+    return self.encode(text, bos=self.bos_id is not None)
 
   def special_ids(self) -> set[int]:
     return {i for i in range(self.vocab_size) if self._sp.is_control(i) or self._sp.is_unknown(i)}

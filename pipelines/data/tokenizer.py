@@ -36,6 +36,10 @@ class ByteTokenizer:
       parts.append(np.array([EOS], np.int32))
     return np.concatenate(parts)
 
+  def encode_prompt(self, text: str) -> np.ndarray:
+    """A prompt's ids: BOS then the bytes (how runs trained here see a document start)."""
+    return self.encode(text, bos=True)
+
   def encode_marked(self, parts: Sequence[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
     """Encodes ``(text, mark)`` pieces as one text; returns (ids ``[n]``, mark per id ``[n]``).
 
