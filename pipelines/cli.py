@@ -1,7 +1,7 @@
 """The ``memzoo`` command line.
 
 memzoo train CONFIG.yaml [key=value ...]    train (resumes from the run's latest checkpoint)
-memzoo eval RUN [--suite NAME]              held-out perplexity and synthetic tasks
+memzoo eval RUN [--suite NAME]              held-out perplexity, synthetic tasks, memory grid
 memzoo extrapolate RUN [--factors ...]      loss by position/length, passkey grids, RoPE variants
 memzoo demo [CONFIG.yaml] [key=value ...]   train + evaluate + sample + report
 memzoo report RUN                           (re)write RUN/report.md
@@ -51,7 +51,20 @@ def _check(args) -> int:
 def _eval(args) -> int:
   from pipelines import eval_suite
 
-  out = eval_suite.run(args.run, args.suite, n=args.examples, batches=args.batches)
+  memory = {}
+  if args.suite == "memory":
+    from pipelines import memories
+
+    methods = tuple(m for m in args.methods.split(",") if m)
+    bad = [m for m in methods if m not in memories.METHODS]
+    if bad or not methods:
+      raise ValueError(f"--methods {args.methods!r}: choose from {', '.join(memories.METHODS)}")
+    memory = {
+      "methods": methods,
+      "factors": tuple(float(x) for x in args.factors.split(",")),
+      "depths": tuple(float(x) for x in args.depths.split(",")),
+    }
+  out = eval_suite.run(args.run, args.suite, n=args.examples, batches=args.batches, **memory)
   print(eval_suite.format_rows(out))
   return 0
 
@@ -164,9 +177,16 @@ def parser() -> argparse.ArgumentParser:
   c.set_defaults(fn=_check)
   e = sub.add_parser("eval", help="evaluate a run: held-out perplexity and synthetic tasks")
   e.add_argument("run")
-  e.add_argument("--suite", default="all", choices=["heldout", "synthetic", "all"])
+  e.add_argument("--suite", default="all", choices=["heldout", "synthetic", "all", "memory"])
   e.add_argument("--examples", type=int, default=32, help="examples per synthetic task")
   e.add_argument("--batches", type=int, default=None, help="held-out batches")
+  e.add_argument(
+    "--methods",
+    default="none,streaming,infllm,emllm,duo",
+    help="memory suite: training-free memories to compare on the same weights",
+  )
+  e.add_argument("--factors", default="1,2,4,8", help="memory suite: lengths as multiples of L")
+  e.add_argument("--depths", default="0,0.5,1", help="memory suite: needle depths")
   e.set_defaults(fn=_eval)
   x = sub.add_parser("extrapolate", help="loss by position/length and passkey grids beyond L")
   x.add_argument("run")

@@ -5,58 +5,13 @@ with ``memzoo import-hf``; the training-free memories run on the same weights.""
 import pytest
 
 from pipelines.cli import main as cli_main
+from tests.pipelines.tiny_hf import TEXTS, VOCAB, bpe_tokenizer, hf_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tk = pytest.importorskip("tokenizers")
 
-VOCAB = 320
-TEXTS = [
-  "memory models remember the pass key for a long time.",
-  "def main():\n    return remember(memory)\n",
-  "The grass is green. The sky is blue. The sun is yellow.",
-]
 PROMPT = "The memory models remember"
-
-
-def bpe_tokenizer(path):
-  """A byte-level BPE trained on a few sentences, with Llama's ``<s>`` prefix on prompts."""
-  tok = tk.Tokenizer(tk.models.BPE(unk_token="<unk>"))
-  tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tk.decoders.ByteLevel()
-  trainer = tk.trainers.BpeTrainer(
-    vocab_size=VOCAB,
-    special_tokens=["<unk>", "<s>", "</s>"],
-    initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
-  )
-  tok.train_from_iterator(TEXTS * 20, trainer)
-  tok.post_processor = tk.processors.TemplateProcessing(
-    single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-  )
-  tok.save(str(path / "tokenizer.json"))
-  return tok
-
-
-def hf_model(path, max_len=64):
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=max_len,
-    bos_token_id=1,
-    eos_token_id=2,
-    tie_word_embeddings=False,
-  )
-  model = transformers.LlamaForCausalLM(cfg).eval()
-  with torch.no_grad():  # sharper logits than the default init: fewer near-ties in argmax
-    for p in model.parameters():
-      p.mul_(3.0)
-  model.save_pretrained(path, safe_serialization=True)
-  return model
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +34,8 @@ def test_greedy_text_equals_transformers(imported, capsys):
   ids = tok.encode(PROMPT).ids
   assert ids[0] == tok.token_to_id("<s>") and len(ids) < len(PROMPT)  # BOS + real merges
   with torch.no_grad():
-    ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, pad_token_id=2)[
-      0, len(ids) :
-    ].tolist()
+    out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, pad_token_id=2)
+  ref = out[0, len(ids) :].tolist()
   want = tok.decode(ref, skip_special_tokens=True)
   got = memzoo_generate(capsys, run, "--prompt", PROMPT, "--max-new-tokens", "24")
   assert got == want and len(ref) >= 8
