@@ -59,10 +59,11 @@ def synthetic(run_dir: str | Path, *, factors=(1, 2, 4), n: int = 32) -> list[di
   """Accuracy per task x length for a run's latest checkpoint (streamed in chunks of L)."""
   exp, model, _ = load_run(run_dir)
   from pipelines.extrapolate import heldout_stream
+  from pipelines.generate import trained_length
 
   tok = load_tokenizer(Path(run_dir))
   corpus = heldout_stream(exp, tok)
-  train_len = exp.data.seq_len
+  train_len = trained_length(exp)
   runner = ChunkedRunner(model, train_len)
   predict = lambda x: runner.run(x)[0]
   rows = []

@@ -137,3 +137,29 @@ def test_hf_export_carries_the_tokenizer(imported, tmp_path):
   assert cli_main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "x")]) == 0
   for name in ("tokenizer.json",):
     assert (tmp_path / "x" / name).read_bytes() == (hf_dir / name).read_bytes()
+
+
+def test_every_task_builds_with_the_model_tokenizer(bpe):
+  from pipelines.tasks import get, score
+
+  ref, tok = bpe
+  corpus = tok.encode(" ".join(["The grass is green. The sky is blue.\nHere we go."] * 60))
+  cases = [
+    ("passkey", {}),
+    ("needle_multi_value", {"corpus": corpus, "num_needles": 2}),
+    ("mqar", {"num_pairs": 4, "token_range": (0, 64)}),
+    ("set_disjointness", {"small_size": 3}),
+    ("sequence_order", {"corpus": corpus, "segment_length": 8}),
+    ("fact_chain", {"hops": 2}),
+    ("selective_copy", {"num_tokens": 4}),
+  ]
+  for name, params in cases:
+    src = get(name, length=256, seed=0, tokenizer=tok, **params)
+    for i in range(3):
+      ex = src[i]
+      assert ex["inputs"].shape == (256,), name
+      assert 0 <= ex["inputs"].min() and ex["inputs"].max() < tok.vocab_size, name
+      assert ex["answer_spans"].max() >= 1, name
+      # The targets themselves score 1, a shifted guess does not: spans mark real answers.
+      assert score(ex["targets"], ex) == 1.0, name
+      assert score(np.roll(ex["targets"], 1), ex) < 1.0, name
