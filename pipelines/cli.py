@@ -59,10 +59,20 @@ def _eval(args) -> int:
     bad = [m for m in methods if m not in memories.METHODS]
     if bad or not methods:
       raise ValueError(f"--methods {args.methods!r}: choose from {', '.join(memories.METHODS)}")
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    if not tasks or any(t not in ("passkey", "needle_single") for t in tasks):
+      raise ValueError(f"--tasks {args.tasks!r}: choose from passkey, needle_single")
+    if args.digits < 1:
+      raise ValueError(f"--digits must be >= 1, got {args.digits}")
     memory = {
       "methods": methods,
       "factors": tuple(float(x) for x in args.factors.split(",")),
       "depths": tuple(float(x) for x in args.depths.split(",")),
+      "tasks": tasks,
+      "task_params": {
+        "passkey": {"num_digits": args.digits},
+        "needle_single": {"value_digits": args.digits},
+      },
     }
   out = eval_suite.run(args.run, args.suite, n=args.examples, batches=args.batches, **memory)
   print(eval_suite.format_rows(out))
@@ -187,6 +197,8 @@ def parser() -> argparse.ArgumentParser:
   )
   e.add_argument("--factors", default="1,2,4,8", help="memory suite: lengths as multiples of L")
   e.add_argument("--depths", default="0,0.5,1", help="memory suite: needle depths")
+  e.add_argument("--tasks", default="passkey,needle_single", help="memory suite: the grids")
+  e.add_argument("--digits", type=int, default=5, help="memory suite: digits of the key/number")
   e.set_defaults(fn=_eval)
   x = sub.add_parser("extrapolate", help="loss by position/length and passkey grids beyond L")
   x.add_argument("run")

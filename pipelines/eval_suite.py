@@ -278,7 +278,8 @@ def run(
 ):
   """Runs a suite, writes ``eval.json`` and the report section; returns the results.
 
-  ``memory_kwargs`` (``methods``, ``factors``, ``depths``, ``tasks``) go to ``memory_grid``.
+  ``memory_kwargs`` (``methods``, ``factors``, ``depths``, ``tasks``, ``task_params``) go to
+  ``memory_grid``.
   """
   if suite not in SUITES:
     raise ValueError(f"unknown suite {suite!r}; choose from {SUITES}")
