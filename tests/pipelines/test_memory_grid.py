@@ -104,3 +104,17 @@ def test_memory_report_on_an_imported_model_trained_to_retrieve(tmp_path):
   kv = {(m["method"], m["length"]): m["kv_bytes"] for m in res["memory"]}
   assert kv["streaming", 512] < kv["none", 512]
   assert (run / "memory.png").is_file()
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--methods", "none,bogus"], "--methods 'none,bogus': choose from"),
+    (["--tasks", "mqar"], "--tasks 'mqar': choose from"),
+    (["--digits", "0"], "--digits must be >= 1"),
+  ],
+)
+def test_memory_suite_refuses_bad_options(tmp_path, capsys, args, message):
+  assert cli_main(["eval", str(tmp_path), "--suite", "memory", *args]) == 2
+  err = capsys.readouterr().err
+  assert message in err and "Traceback" not in err
