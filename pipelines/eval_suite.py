@@ -218,17 +218,19 @@ def memory_plot(res: dict[str, Any], path: Path, title: str) -> Path:
       if pts:
         ax.plot(*zip(*pts), marker="o", lw=1.2, label=method)
     ax.axvline(res["train_len"], color="grey", ls=":", lw=1)
-    ax.set(
-      xscale="log", xlabel="length (tokens)", ylabel="accuracy", title=task, ylim=(-0.03, 1.03)
-    )
+    ax.set(xlabel="length (tokens)", ylabel="accuracy", title=task, ylim=(-0.03, 1.03))
   ax = axes[0][-1]
   for method in res["methods"]:
     pts = sorted((m["length"], m["kv_bytes"] / 2**20) for m in res["memory"] if
                  m["method"] == method)  # fmt: skip
     ax.plot(*zip(*pts), marker="o", lw=1.2, label=method)
-  ax.set(xscale="log", yscale="log", xlabel="length (tokens)", ylabel="KV state (MiB)")
+  ax.set(yscale="log", xlabel="length (tokens)", ylabel="KV state (MiB)")
   ax.set_title("decode-state memory, batch 1")
   ax.legend(fontsize=7)
+  for ax in axes[0]:  # lengths double: log2 axis, one labelled tick per length
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(res["lengths"], [str(n) for n in res["lengths"]])
+    ax.minorticks_off()
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path)

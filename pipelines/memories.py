@@ -3,8 +3,9 @@ StreamingLLM, InfLLM, EM-LLM or DuoAttention, sized from the model's trained len
 
 Every method gets about the same attention budget, ``L`` keys per query: StreamingLLM keeps 4
 sinks + ``L - 4`` recent tokens; InfLLM / EM-LLM keep 4 sinks + ``L / 2`` recent tokens +
-``top_k`` retrieved blocks (events) of ``L / 8`` tokens; Duo keeps full attention on the
-retrieval heads its gate optimisation picks and 4 sinks + ``L / 4`` recent tokens on the others.
+``top_k`` retrieved blocks (events) of ``L / 8`` tokens; Duo keeps full attention on the half of
+the KV heads whose fitted gates are highest (DuoAttention deploys at a target fraction of
+retrieval heads) and 4 sinks + ``L / 4`` recent tokens on the others.
 ``none`` is the plain transformer (RoPE positions past ``L`` unchanged).
 """
 
@@ -20,6 +21,7 @@ from flax import nnx
 
 METHODS = ("none", "streaming", "infllm", "emllm", "duo")
 SINKS = 4
+DUO_RETRIEVAL_FRACTION = 0.5
 
 
 def options(method: str, train_len: int) -> dict[str, Any]:
@@ -98,7 +100,13 @@ def wrap(
       raise ValueError("duo needs token batches to fit its retrieval-head gates")
     gated = from_transformer(base, **opts)
     gates = optimize_gates(gated, duo_batches())
-    heads = retrieval_heads_from_gates(gates)
+    # The top fraction of gates over all layers (ties broken by position), not a fixed
+    # threshold: a briefly fitted model can leave every gate above 0.5.
+    keep = max(1, round(DUO_RETRIEVAL_FRACTION * gates.size))
+    order = np.argsort(-gates.ravel(), kind="stable")[:keep]
+    mask = np.zeros(gates.size, bool)
+    mask[order] = True
+    heads = retrieval_heads_from_gates(mask.reshape(gates.shape).astype(np.float32))
     opts = {**opts, "retrieval_heads": heads, "gates": np.round(gates, 3).tolist()}
     return from_transformer(base, **{k: v for k, v in opts.items() if k != "gates"}), opts
   return from_transformer(base, **opts), opts
