@@ -62,17 +62,19 @@ def _eval(args) -> int:
     tasks = tuple(t for t in args.tasks.split(",") if t)
     if not tasks or any(t not in ("passkey", "needle_single") for t in tasks):
       raise ValueError(f"--tasks {args.tasks!r}: choose from passkey, needle_single")
-    if args.digits < 1:
+    if args.digits is not None and args.digits < 1:
       raise ValueError(f"--digits must be >= 1, got {args.digits}")
+    d = args.digits
+    task_params = {
+      "passkey": {} if d is None else {"num_digits": d},
+      "needle_single": {} if d is None else {"value_digits": d},
+    }
     memory = {
       "methods": methods,
       "factors": tuple(float(x) for x in args.factors.split(",")),
       "depths": tuple(float(x) for x in args.depths.split(",")),
       "tasks": tasks,
-      "task_params": {
-        "passkey": {"num_digits": args.digits},
-        "needle_single": {"value_digits": args.digits},
-      },
+      "task_params": task_params,
     }
   out = eval_suite.run(args.run, args.suite, n=args.examples, batches=args.batches, **memory)
   print(eval_suite.format_rows(out))
@@ -198,7 +200,9 @@ def parser() -> argparse.ArgumentParser:
   e.add_argument("--factors", default="1,2,4,8", help="memory suite: lengths as multiples of L")
   e.add_argument("--depths", default="0,0.5,1", help="memory suite: needle depths")
   e.add_argument("--tasks", default="passkey,needle_single", help="memory suite: the grids")
-  e.add_argument("--digits", type=int, default=5, help="memory suite: digits of the key/number")
+  e.add_argument(
+    "--digits", type=int, default=None, help="memory suite: digits of the key/number (5 / 7)"
+  )
   e.set_defaults(fn=_eval)
   x = sub.add_parser("extrapolate", help="loss by position/length and passkey grids beyond L")
   x.add_argument("run")
