@@ -1,7 +1,7 @@
 """The ``memzoo`` command line.
 
 memzoo train CONFIG.yaml [key=value ...]    train (resumes from the run's latest checkpoint)
-memzoo eval RUN [--suite NAME]              held-out perplexity and synthetic tasks
+memzoo eval RUN [--suite NAME]              held-out perplexity, synthetic tasks, memory grid
 memzoo extrapolate RUN [--factors ...]      loss by position/length, passkey grids, RoPE variants
 memzoo demo [CONFIG.yaml] [key=value ...]   train + evaluate + sample + report
 memzoo report RUN                           (re)write RUN/report.md
@@ -10,6 +10,8 @@ memzoo models                               list registered model families and p
 memzoo check CONFIG.yaml [key=value ...]    validate a config and print it resolved
 memzoo export RUN --format FMT [--out DIR]  safetensors, hf (Llama/Qwen2/Qwen3) or stablehlo
 memzoo import-hf DIR RUN [key=value ...]    a local HF Llama/Mistral/Qwen2/Qwen3 model as a run
+memzoo generate RUN --prompt TEXT [--max-new-tokens N] [--temperature T] [--seed S]
+                [--method none|streaming|infllm|emllm|duo]   print the decoded continuation
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 from pathlib import Path
 
 from ops.common.dispatch import NotSupportedError
-from pipelines.errors import ConfigError, UserError
+from pipelines.errors import ConfigError, InputError, UserError
 
 DEFAULT_DEMO = "configs/demo.yaml"
 
@@ -50,7 +52,32 @@ def _check(args) -> int:
 def _eval(args) -> int:
   from pipelines import eval_suite
 
-  out = eval_suite.run(args.run, args.suite, n=args.examples, batches=args.batches)
+  memory = {}
+  if args.suite == "memory":
+    from pipelines import memories
+
+    methods = tuple(m for m in args.methods.split(",") if m)
+    bad = [m for m in methods if m not in memories.METHODS]
+    if bad or not methods:
+      raise InputError(f"--methods {args.methods!r}: choose from {', '.join(memories.METHODS)}")
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    if not tasks or any(t not in ("passkey", "needle_single") for t in tasks):
+      raise InputError(f"--tasks {args.tasks!r}: choose from passkey, needle_single")
+    if args.digits is not None and args.digits < 1:
+      raise InputError(f"--digits must be >= 1, got {args.digits}")
+    d = args.digits
+    task_params = {
+      "passkey": {} if d is None else {"num_digits": d},
+      "needle_single": {} if d is None else {"value_digits": d},
+    }
+    memory = {
+      "methods": methods,
+      "factors": tuple(float(x) for x in args.factors.split(",")),
+      "depths": tuple(float(x) for x in args.depths.split(",")),
+      "tasks": tasks,
+      "task_params": task_params,
+    }
+  out = eval_suite.run(args.run, args.suite, n=args.examples, batches=args.batches, **memory)
   print(eval_suite.format_rows(out))
   return 0
 
@@ -137,6 +164,21 @@ def _import_hf(args) -> int:
   return 0
 
 
+def _generate(args) -> int:
+  from pipelines.generate import generate_text
+
+  out = generate_text(
+    args.run,
+    args.prompt,
+    args.max_new_tokens,
+    temperature=args.temperature,
+    seed=args.seed,
+    method=args.method,
+  )
+  print(out["text"])
+  return 0
+
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="memzoo", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
@@ -150,9 +192,20 @@ def parser() -> argparse.ArgumentParser:
   c.set_defaults(fn=_check)
   e = sub.add_parser("eval", help="evaluate a run: held-out perplexity and synthetic tasks")
   e.add_argument("run")
-  e.add_argument("--suite", default="all", choices=["heldout", "synthetic", "all"])
+  e.add_argument("--suite", default="all", choices=["heldout", "synthetic", "all", "memory"])
   e.add_argument("--examples", type=int, default=32, help="examples per synthetic task")
   e.add_argument("--batches", type=int, default=None, help="held-out batches")
+  e.add_argument(
+    "--methods",
+    default="none,streaming,infllm,emllm,duo",
+    help="memory suite: training-free memories to compare on the same weights",
+  )
+  e.add_argument("--factors", default="1,2,4,8", help="memory suite: lengths as multiples of L")
+  e.add_argument("--depths", default="0,0.5,1", help="memory suite: needle depths")
+  e.add_argument("--tasks", default="passkey,needle_single", help="memory suite: the grids")
+  e.add_argument(
+    "--digits", type=int, default=None, help="memory suite: digits of the key/number (5 / 7)"
+  )
   e.set_defaults(fn=_eval)
   x = sub.add_parser("extrapolate", help="loss by position/length and passkey grids beyond L")
   x.add_argument("run")
@@ -188,6 +241,19 @@ def parser() -> argparse.ArgumentParser:
   ih.add_argument("rest", nargs="*", help="RUN (the run to create), then key=value overrides")
   ih.add_argument("--run", default=None, help="the run directory to create (instead of RUN)")
   ih.set_defaults(fn=_import_hf)
+  g = sub.add_parser("generate", help="continue a prompt with a run's model and tokenizer")
+  g.add_argument("run")
+  g.add_argument("--prompt", required=True, help="the text to continue")
+  g.add_argument("--max-new-tokens", type=int, default=64)
+  g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument(
+    "--method",
+    default="none",
+    choices=["none", "streaming", "infllm", "emllm", "duo"],
+    help="a training-free memory on the same weights (none = the model as it is)",
+  )
+  g.set_defaults(fn=_generate)
   return p
 
 

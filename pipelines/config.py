@@ -37,6 +37,9 @@ class DataConfig:
     heldout_fraction: fraction of documents kept out of training, chosen by hash of the path.
     max_documents: cap on documents read (0 = all).
     num_workers: grain worker processes (0 = in-process).
+    tokenizer: ``byte`` (the built-in byte-level tokenizer) or a path to a ``tokenizer.json``,
+      ``tokenizer.model`` or a directory holding one, relative to the run directory unless
+      absolute (``memzoo import-hf`` sets it to the model's own); see ``pipelines.tokenizers``.
   """
 
   source: Literal["stdlib", "text", "jsonl"] = "stdlib"
@@ -47,8 +50,11 @@ class DataConfig:
   heldout_fraction: float = 0.02
   max_documents: int = 0
   num_workers: int = 0
+  tokenizer: str = "byte"
 
   def __post_init__(self):
+    if not self.tokenizer:
+      raise InputError("tokenizer must be 'byte' or a path to a tokenizer file")
     if self.seq_len < 2:
       raise InputError(f"seq_len must be >= 2, got {self.seq_len}")
     if self.batch_size < 1:
@@ -275,7 +281,7 @@ def _cross_checks(exp: Experiment) -> None:
   vocab = getattr(exp.model, "vocab_size", None)
   from pipelines.data.tokenizer import VOCAB_SIZE
 
-  if vocab is not None and vocab < VOCAB_SIZE:
+  if vocab is not None and vocab < VOCAB_SIZE and exp.data.tokenizer == "byte":
     raise ConfigError(
       f"{exp.source}: model.vocab_size={vocab} is smaller than the byte tokenizer's "
       f"{VOCAB_SIZE} ids; token ids would fall outside the vocabulary"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from pipelines import config as config_lib
 from pipelines import evaluate, report
-from pipelines.data.tokenizer import ByteTokenizer
 from pipelines.generate import generate
 from pipelines.metrics import read
 from pipelines.rundir import atomic_write_text
+from pipelines.tokenizers import load_tokenizer
 from pipelines.train import load_run, train
 
 
@@ -28,10 +28,10 @@ def write_report(run_dir: str | Path) -> Path:
   plot = report.loss_curve(history, run_dir / "loss.png", f"{exp.model.family}: training loss")
   ev = evaluate.heldout(run_dir)
   atomic_write_text(run_dir / "eval.json", json.dumps(ev, indent=2))
-  tok = ByteTokenizer()
+  tok = load_tokenizer(run_dir)
   samples = []
   if exp.eval.sample_tokens:
-    prompt = tok.encode(exp.eval.sample_prompt, bos=True)[None, :]
+    prompt = tok.encode_prompt(exp.eval.sample_prompt)[None, :]
     out = generate(
       model, prompt, exp.eval.sample_tokens, temperature=exp.eval.temperature, seed=exp.seed
     )

@@ -8,17 +8,21 @@ from typing import Any
 from flax import nnx
 
 from pipelines.data import loader
+from pipelines.tokenizers import load_tokenizer
 from pipelines.train import evaluate_loss, load_run, make_eval_step
 
 
 def heldout(run_dir: str | Path, batches: int | None = None) -> dict[str, Any]:
   """Held-out loss and bits per byte of a run's latest checkpoint, with the unigram baseline."""
   exp, model, step = load_run(run_dir)
-  data = loader.build(exp.data, vocab_size=exp.model.vocab_size)
+  tok = load_tokenizer(Path(run_dir))
+  data = loader.build(exp.data, vocab_size=exp.model.vocab_size, tokenizer=tok)
   n = batches or exp.eval.batches
   eval_batches = loader.heldout_batches(data.heldout, exp.data.batch_size, n)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  result = evaluate_loss(make_eval_step(graphdef, rest), params, eval_batches)
+  result = evaluate_loss(
+    make_eval_step(graphdef, rest), params, eval_batches, token_bytes=tok.token_bytes()
+  )
   return {
     "step": step,
     "heldout_loss": result["loss"],

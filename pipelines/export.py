@@ -284,11 +284,13 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None, **kwargs: A
   if fmt == "safetensors":
     return save_safetensors(model, exp, out, step)
   if fmt == "hf":
-    from pipelines import hf
+    from pipelines import hf, tokenizers
 
     out.mkdir(parents=True, exist_ok=True)
     (out / CHECKSUMS).unlink(missing_ok=True)
     out = hf.export_hf(model, out)
+    # The model's own tokenizer goes with it (transformers' AutoTokenizer reads it there).
+    tokenizers.export_files(run, exp, out)
     write_checksums(out)
     return out
   save_safetensors(model, exp, out, step)

@@ -26,6 +26,7 @@ from pipelines.rundir import atomic_write_text
 from pipelines.streaming import ChunkedRunner
 from pipelines.tasks import evaluate as evaluate_task
 from pipelines.tasks import grid
+from pipelines.tokenizers import load_tokenizer
 from pipelines.train import load_run
 
 ROPE_VARIANTS = ("linear", "ntk", "dynamic_ntk", "yarn", "abf", "truncated")
@@ -73,9 +74,11 @@ def with_config(model: nnx.Module, cfg: Any) -> nnx.Module:
   return fresh
 
 
-def heldout_stream(exp: Any) -> np.ndarray:
-  """The held-out token stream of a run's corpus (documents concatenated)."""
-  data = loader.build(exp.data, vocab_size=exp.model.vocab_size)
+def heldout_stream(exp: Any, tokenizer: Any = None) -> np.ndarray:
+  """The held-out token stream of a run's corpus (documents concatenated), tokenized with
+  ``tokenizer`` (default: the run's, ``load_tokenizer(exp)``)."""
+  tok = load_tokenizer(exp) if tokenizer is None else tokenizer
+  data = loader.build(exp.data, vocab_size=exp.model.vocab_size, tokenizer=tok)
   return data.heldout.tokens.astype(np.int32)
 
 
@@ -97,15 +100,21 @@ def position_losses(model: nnx.Module, windows: np.ndarray, chunk: int) -> np.nd
 
 
 def passkey_grid(
-  model: nnx.Module, depths: list[float], lengths: list[int], n: int, chunk: int
+  model: nnx.Module,
+  depths: list[float],
+  lengths: list[int],
+  n: int,
+  chunk: int,
+  tokenizer: Any = None,
 ) -> list[dict[str, Any]]:
-  """Passkey accuracy per (depth, length) cell; lengths too short for the task are skipped."""
+  """Passkey accuracy per (depth, length) cell, texts built with ``tokenizer`` (default bytes;
+  lengths in tokens); lengths too short for the task are skipped."""
   out = []
   runner = ChunkedRunner(model, chunk)
   predict = lambda x: runner.run(x)[0]
   for length in lengths:
     try:
-      cells = grid("passkey", depths=depths, lengths=[length], seed=0)
+      cells = grid("passkey", depths=depths, lengths=[length], seed=0, tokenizer=tokenizer)
     except ValueError:  # the needle and question do not fit in this length
       continue
     for cell in cells:
@@ -127,15 +136,17 @@ def run(
   """Runs the extrapolation suite on a run directory; returns what it writes to JSON."""
   run_dir = Path(run_dir)
   exp, model, step = load_run(run_dir)
+  tok = load_tokenizer(run_dir)
   train_len = exp.data.seq_len
   lengths = sorted({int(train_len * f) for f in factors})
   max_len = lengths[-1]
   chunk = train_len
-  stream = heldout_stream(exp)
+  stream = heldout_stream(exp, tok)
   results: dict[str, Any] = {
     "model": exp.model.family,
     "step": step,
     "train_len": train_len,
+    "tokenizer": getattr(tok, "name", "byte"),
     "lengths": lengths,
     "variants": {},
   }
@@ -159,7 +170,7 @@ def run(
         "sinks": getattr(cfg, "sinks", None),
       },
       "perplexity": per_length,
-      "passkey": passkey_grid(vm, list(depths), pk_lengths, passkey_examples, chunk),
+      "passkey": passkey_grid(vm, list(depths), pk_lengths, passkey_examples, chunk, tok),
     }
   atomic_write_text(run_dir / "extrapolation.json", json.dumps(results))
   write_report(run_dir, results)

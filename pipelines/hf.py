@@ -25,7 +25,6 @@ copy of the weights. ``export_hf(model, out)`` writes a directory that
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from pipelines import config as config_lib
+from pipelines import tokenizers
 from pipelines.errors import InputError, MissingFileError, UnsupportedModelError
 from pipelines.export import (
   CHECKSUMS,
@@ -43,6 +43,7 @@ from pipelines.export import (
   flat_params,
   verify_checksums,
 )
+from pipelines.rundir import atomic_write_text
 
 ARCHITECTURES = {
   "LlamaForCausalLM": "llama",
@@ -751,7 +752,15 @@ def import_hf(
   model_section = config_from_hf(hf_cfg, source)
   dt = stored_param_dtype(index)
   model_section = {**model_section, "param_dtype": dt, "dtype": dt}
+  tok_file = next(
+    (n for n in ("tokenizer.json", "tokenizer.model") if (directory / n).is_file()), None
+  )
+  if tok_file is not None:  # the run reads the model's own tokenizer (copied below)
+    sections = {**sections, "data": {"tokenizer": tok_file, **(sections.get("data") or {})}}
+  # data.seq_len may not exceed model.max_len: a short model trains at its own maximum.
+  seq_len = min(config_lib.DataConfig().seq_len, model_section["max_len"])
   raw = {"model": model_section, "run_dir": str(run_dir), "mesh": {"data": 1}}
+  raw["data"] = {"seq_len": seq_len}
   raw = config_lib.merge(raw, sections)
   raw = config_lib.merge(raw, config_lib.parse_overrides(overrides or []))
   if raw.get("run_dir") != str(run_dir):
@@ -779,10 +788,8 @@ def import_hf(
     ckpt.save(0, {"params": params}, None, meta)
   finally:
     ckpt.close()
-  for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
-    if (directory / name).is_file():
-      shutil.copy(directory / name, run_dir / name)
-  (run_dir / "hf_config.json").write_text(json.dumps(hf_cfg, indent=2))
+  tokenizers.copy_files(directory, run_dir)
+  atomic_write_text(run_dir / "hf_config.json", json.dumps(hf_cfg, indent=2))
   return run_dir
 
 

@@ -30,6 +30,7 @@ from pipelines.data import loader
 from pipelines.errors import MissingFileError, NonFiniteLossError
 from pipelines.metrics import MetricsWriter
 from pipelines.optim import optimizer, schedule
+from pipelines.tokenizers import load_tokenizer
 from zoo import interface
 from zoo.layers import remat
 
@@ -142,14 +143,22 @@ def make_eval_step(graphdef, rest, mesh: jax.sharding.Mesh | None = None):
   return sharding.in_mesh(step, mesh)
 
 
-def evaluate_loss(eval_step, params, batches, to_device=lambda b: b) -> dict[str, float]:
-  """Held-out loss (nats/token) and bits per byte over fixed batches."""
+def evaluate_loss(
+  eval_step, params, batches, to_device=lambda b: b, token_bytes: np.ndarray | None = None
+) -> dict[str, float]:
+  """Held-out loss (nats/token) and bits per byte over fixed batches.
+
+  ``token_bytes [V]``: UTF-8 bytes per id (the tokenizer's); default the byte tokenizer's.
+  """
   total = count = nbytes = 0.0
   for b in batches:
     t, c = eval_step(params, to_device(b))
     total += float(t)
     count += float(c)
-    nbytes += float(np.sum((b["loss_mask"] > 0) & (b["targets"] < 256)))
+    if token_bytes is None:
+      nbytes += float(np.sum((b["loss_mask"] > 0) & (b["targets"] < 256)))
+    else:
+      nbytes += float(np.sum((b["loss_mask"] > 0) * token_bytes[b["targets"]]))
   loss = total / max(count, 1.0)
   return {"loss": loss, "bits_per_byte": total / math.log(2) / max(nbytes, 1.0)}
 
@@ -208,7 +217,8 @@ def _train(exp: config_lib.Experiment, run_dir: Path, on_step) -> TrainResult:
     config_lib.dump(exp, run_dir / "config.yaml")
 
   # Data: the corpus manifest is part of the run's record.
-  data = loader.build(exp.data, vocab_size=exp.model.vocab_size)
+  tok = load_tokenizer(exp)
+  data = loader.build(exp.data, vocab_size=exp.model.vocab_size, tokenizer=tok)
   if primary:
     rundir.atomic_write_text(run_dir / "data.json", json.dumps(data.manifest, indent=2))
 
@@ -294,7 +304,9 @@ def _train(exp: config_lib.Experiment, run_dir: Path, on_step) -> TrainResult:
         last_time, last_tokens = now, jnp.zeros(())
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
       if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-        ev = evaluate_loss(eval_step, params, heldout[: cfg.eval_batches or 1], put)
+        ev = evaluate_loss(
+          eval_step, params, heldout[: cfg.eval_batches or 1], put, tok.token_bytes()
+        )
         record = {
           **(record or {}),
           "eval_loss": ev["loss"],

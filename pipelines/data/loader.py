@@ -21,7 +21,7 @@ class Data:
   train: PackedSequences
   heldout: PackedSequences
   manifest: dict[str, Any]
-  tokenizer: ByteTokenizer
+  tokenizer: Any  # a pipelines.tokenizers tokenizer
 
 
 def load_corpus(cfg: DataConfig) -> corpora.Corpus:
@@ -32,9 +32,19 @@ def load_corpus(cfg: DataConfig) -> corpora.Corpus:
   return corpora.jsonl_corpus(cfg.paths, cfg.jsonl_field, cfg.max_documents)
 
 
-def build(cfg: DataConfig, vocab_size: int) -> Data:
-  """Reads the corpus, splits it, packs both sides and checks ids against ``vocab_size``."""
-  tok = ByteTokenizer()
+def build(cfg: DataConfig, vocab_size: int, tokenizer: Any = None) -> Data:
+  """Reads the corpus, splits it, packs both sides and checks ids against ``vocab_size``.
+
+  ``tokenizer``: the run's (``pipelines.tokenizers.load_tokenizer(exp)``); ``None`` is only
+  allowed for ``data.tokenizer: byte``.
+  """
+  if tokenizer is None:
+    if cfg.tokenizer != "byte":
+      raise InputError(
+        f"data.tokenizer={cfg.tokenizer!r}: pass the run's tokenizer (load_tokenizer(exp))"
+      )
+    tokenizer = ByteTokenizer()
+  tok = tokenizer
   corpus = load_corpus(cfg)
   train_docs, heldout_docs = corpus.split(cfg.heldout_fraction)
   train_tokens, train_docids = pack(train_docs, tok)
@@ -51,7 +61,8 @@ def build(cfg: DataConfig, vocab_size: int) -> Data:
     heldout_tokens=int(len(heldout_tokens)),
     train_sequences=len(train),
     heldout_sequences=len(heldout),
-    unigram_bits_per_byte=unigram_bits_per_byte(train_tokens, heldout, 64),
+    unigram_bits_per_byte=unigram_bits_per_byte(train_tokens, heldout, 64, tok.token_bytes()),
+    tokenizer=getattr(tok, "name", "byte"),
   )
   return Data(train, heldout, manifest, tok)
 

@@ -1,7 +1,8 @@
 """Packing documents into fixed-length sequences with segment ids.
 
-Documents become ``[BOS] bytes [EOS]`` and are concatenated into one stream; sequence ``i`` is
-the window ``[i L, (i + 1) L + 1)`` of that stream, so every token is predicted exactly once.
+Documents become ``[BOS] tokens [EOS]`` (no BOS where the tokenizer has none) and are
+concatenated into one stream; sequence ``i`` is the window ``[i L, (i + 1) L + 1)`` of that
+stream, so every token is predicted exactly once.
 ``segment_ids`` number the documents inside a window from 1, so attention never crosses a
 document boundary, and ``loss_mask`` drops the one target per boundary that belongs to the next
 document.
@@ -10,20 +11,23 @@ document.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from pipelines.data.corpus import Document
-from pipelines.data.tokenizer import ByteTokenizer
 from pipelines.errors import InputError
 
 
-def pack(documents: Sequence[Document], tokenizer: ByteTokenizer) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (tokens ``[N]`` uint16, document index ``[N]`` int32) of the concatenated stream."""
+def pack(documents: Sequence[Document], tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (tokens ``[N]`` uint16, or uint32 for vocabularies over 65536 ids, document index
+  ``[N]`` int32) of the concatenated stream; ``tokenizer`` is a ``pipelines.tokenizers`` one."""
   if not documents:
     raise InputError("no documents to pack")
-  pieces = [tokenizer.encode(d.text, bos=True, eos=True) for d in documents]
-  tokens = np.concatenate(pieces).astype(np.uint16)
+  bos = tokenizer.bos_id is not None
+  pieces = [tokenizer.encode(d.text, bos=bos, eos=True) for d in documents]
+  dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+  tokens = np.concatenate(pieces).astype(dtype)
   doc_ids = np.repeat(np.arange(len(pieces), dtype=np.int32), [len(p) for p in pieces])
   return tokens, doc_ids
 
@@ -72,17 +76,23 @@ class PackedSequences:
     return f"PackedSequences(n={self._len}, seq_len={self.seq_len})"
 
 
-def unigram_bits_per_byte(train_tokens: np.ndarray, heldout: PackedSequences, n: int) -> float:
+def unigram_bits_per_byte(
+  train_tokens: np.ndarray, heldout: PackedSequences, n: int, token_bytes: np.ndarray | None = None
+) -> float:
   """Bits per byte of a unigram model fitted on the training stream (add-one smoothing),
-  measured on the first ``n`` held-out sequences: the baseline a model must beat."""
+  measured on the first ``n`` held-out sequences: the baseline a model must beat.
+
+  ``token_bytes [V]``: UTF-8 bytes per id (the tokenizer's ``token_bytes()``); default: the byte
+  tokenizer's (ids below 256 are one byte).
+  """
   counts = np.bincount(train_tokens, minlength=int(train_tokens.max()) + 1).astype(np.float64) + 1
   logp = np.log2(counts / counts.sum())
-  bits, nbytes = 0.0, 0
+  bits, nbytes = 0.0, 0.0
   for i in range(min(n, len(heldout))):
     ex = heldout[i]
     m = ex["loss_mask"] > 0
     t = ex["targets"][m]
     t = t[t < len(logp)]
     bits -= float(logp[t].sum())
-    nbytes += int((t < 256).sum())
-  return bits / max(nbytes, 1)
+    nbytes += float((t < 256).sum() if token_bytes is None else token_bytes[t].sum())
+  return bits / max(nbytes, 1.0)

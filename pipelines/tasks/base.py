@@ -13,47 +13,76 @@ Every example is a dict of numpy arrays of one fixed length ``T``:
 
 A position in ``inputs`` equals the index in ``full``; the target predicting ``full[p]`` is at
 index ``p - 1``.
+
+Every task takes ``tokenizer=`` (default the byte tokenizer; an imported model's from
+``pipelines.tokenizers.load_tokenizer``): texts are built with it, a question and its answers
+are encoded as one text (so the answer is tokenized as the model would see it in running text),
+and symbol tasks draw their ids from its non-special vocabulary (``token_range`` indexes
+``tokenizer.drawable_ids()``, which is the identity for bytes). Lengths are in tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from pipelines.data.tokenizer import BOS, PAD, VOCAB_SIZE, ByteTokenizer
+from pipelines.data.tokenizer import ByteTokenizer
 from pipelines.errors import InputError
 
 Example = dict[str, Any]
 
 
-_TOKENIZER = ByteTokenizer()
+BYTES = ByteTokenizer()
+_TOKENIZER = BYTES
 encode = _TOKENIZER.encode  # text -> int32 byte ids
 decode = _TOKENIZER.decode  # ids -> text, special tokens dropped
+
+
+def start_id(tok: Any) -> int:
+  """The id every example starts with: BOS, or EOS for tokenizers without BOS (GPT-2 style)."""
+  sid = tok.bos_id if tok.bos_id is not None else tok.eos_id
+  if sid is None:
+    raise InputError(f"tokenizer {getattr(tok, 'name', tok)} has neither a bos nor an eos token")
+  return int(sid)
 
 
 class Builder:
   """Accumulates the ``full`` token stream of one example with answer-span labels."""
 
-  def __init__(self):
-    self._ids: list[np.ndarray] = [np.array([BOS], np.int32)]
+  def __init__(self, tokenizer: Any = BYTES):
+    self.tok = tokenizer
+    self._ids: list[np.ndarray] = [np.array([start_id(tokenizer)], np.int32)]
     self._spans: list[np.ndarray] = [np.zeros(1, np.int32)]
     self.pos = 1
     self.num_spans = 0
 
   def add(self, ids: np.ndarray | str, *, answer: bool = False) -> int:
-    """Appends tokens (a string is UTF-8 encoded); returns the ``full`` index they start at.
+    """Appends tokens (a string is encoded); returns the ``full`` index they start at.
 
     With ``answer=True`` the tokens form the next answer span.
     """
-    ids = encode(ids) if isinstance(ids, str) else np.asarray(ids, np.int32).ravel()
+    ids = self.tok.encode(ids) if isinstance(ids, str) else np.asarray(ids, np.int32).ravel()
     start = self.pos
     if answer:
       self.num_spans += 1
     self._ids.append(ids)
     self._spans.append(np.full(ids.shape, self.num_spans if answer else 0, np.int32))
     self.pos += ids.size
+    return start
+
+  def add_encoded(self, ids: np.ndarray, marks: np.ndarray) -> int:
+    """Appends ``encode_qa`` output: ids with mark ``k >= 1`` become answer span
+    ``num_spans + k``; returns the ``full`` index they start at."""
+    start = self.pos
+    spans = np.where(marks > 0, marks + self.num_spans, 0).astype(np.int32)
+    self.num_spans += int(marks.max(initial=0))
+    self._ids.append(np.asarray(ids, np.int32))
+    self._spans.append(spans)
+    self.pos += len(ids)
     return start
 
   def finish(self, length: int, **meta: Any) -> Example:
@@ -64,7 +93,8 @@ class Builder:
       raise InputError(f"example needs {full.size - 1} tokens but length={length}")
     pad = length + 1 - full.size
     segment = np.concatenate([np.ones(full.size, np.int32), np.zeros(pad, np.int32)])
-    full = np.concatenate([full, np.full(pad, PAD, np.int32)])
+    pad_id = self.tok.pad_id if self.tok.pad_id is not None else self.tok.eos_id
+    full = np.concatenate([full, np.full(pad, pad_id, np.int32)])
     spans = np.concatenate([spans, np.zeros(pad, np.int32)])[1:]
     if self.num_spans == 0:
       raise InputError("an example needs at least one answer span")
@@ -81,6 +111,16 @@ class Builder:
     return out
 
 
+def encode_qa(tok: Any, parts: Sequence[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
+  """Encodes ``(text, is_answer)`` pieces as one text; returns (ids, marks) where the tokens of
+  the ``k``-th answer piece have mark ``k`` (for ``Builder.add_encoded``)."""
+  k, marked = 0, []
+  for text, is_answer in parts:
+    k += bool(is_answer)
+    marked.append((text, k if is_answer else 0))
+  return tok.encode_marked(marked)
+
+
 class TaskSource:
   """Base of all tasks: ``len`` examples, example ``i`` drawn from ``default_rng((seed, i))``.
 
@@ -90,11 +130,15 @@ class TaskSource:
     length: ``T``, the number of input (and target) tokens of every example.
     seed: the source seed; with the index it fixes the example.
     num_examples: the reported ``len`` (examples are procedural, any count works).
+    tokenizer: the tokenizer texts are built with (default bytes); see the module docstring.
   """
 
   name = "task"
 
-  def __init__(self, *, length: int, seed: int = 0, num_examples: int = 10_000):
+  def __init__(
+    self, *, length: int, seed: int = 0, num_examples: int = 10_000, tokenizer: Any = None
+  ):
+    self.tok = BYTES if tokenizer is None else tokenizer
     if int(length) < 2:
       raise InputError(f"{self.name}: length must be >= 2, got {length}")
     if int(num_examples) < 1:
@@ -124,11 +168,14 @@ class TaskSource:
     return f"{type(self).__name__}(length={self.length}, seed={self.seed})"
 
 
-def check_range(name: str, token_range: tuple[int, int], size: int) -> tuple[int, int]:
-  """Validates a ``[lo, hi)`` token range inside the vocab holding at least ``size`` ids."""
+def check_range(
+  name: str, token_range: tuple[int, int], size: int, tok: Any = BYTES
+) -> tuple[int, int]:
+  """Validates a ``[lo, hi)`` range of ``tok.drawable_ids()`` holding at least ``size`` ids."""
   lo, hi = (int(t) for t in token_range)
-  if not 0 <= lo < hi <= VOCAB_SIZE:
-    raise InputError(f"{name}: token_range {token_range} must lie in [0, {VOCAB_SIZE})")
+  n = len(tok.drawable_ids())
+  if not 0 <= lo < hi <= n:
+    raise InputError(f"{name}: token_range {token_range} must lie in [0, {n})")
   if hi - lo < size:
     raise InputError(f"{name}: token_range {token_range} has {hi - lo} ids, needs {size}")
   return lo, hi
@@ -141,41 +188,65 @@ def check_depth(name: str, depth: float | None) -> float | None:
   return None if depth is None else float(depth)
 
 
-def check_corpus(name: str, corpus: np.ndarray) -> np.ndarray:
-  """Validates a haystack corpus: a non-empty 1-D array of byte token ids."""
+def check_corpus(name: str, corpus: np.ndarray, tok: Any = BYTES) -> np.ndarray:
+  """Validates a haystack corpus: a non-empty 1-D array of ``tok``'s token ids."""
   corpus = np.asarray(corpus)
   if corpus.ndim != 1 or corpus.size == 0 or not np.issubdtype(corpus.dtype, np.integer):
     raise InputError(f"{name}: corpus must be a non-empty 1-D integer array, got {corpus.shape}")
-  if corpus.min() < 0 or corpus.max() >= VOCAB_SIZE:
-    raise InputError(f"{name}: corpus ids must lie in [0, {VOCAB_SIZE})")
+  if corpus.min() < 0 or corpus.max() >= tok.vocab_size:
+    raise InputError(f"{name}: corpus ids must lie in [0, {tok.vocab_size})")
   return corpus.astype(np.int32)
 
 
-_FILLER = encode(
+def check_symbol(name: str, what: str, token: int, ids: np.ndarray) -> int:
+  """A separator/filler id must be a real id and not one of the drawn symbols ``ids``."""
+  if token is None or np.any(ids == int(token)):
+    raise InputError(f"{name}: {what} {token} must lie outside token_range")
+  return int(token)
+
+
+_FILLER_TEXT = (
   "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 )
 
 
-def haystack(rng: np.random.Generator, size: int, corpus: np.ndarray | None) -> np.ndarray:
+@functools.cache
+def _filler(tok: Any) -> np.ndarray:
+  return tok.encode(_FILLER_TEXT)
+
+
+def haystack(
+  rng: np.random.Generator, size: int, corpus: np.ndarray | None, tok: Any = BYTES
+) -> np.ndarray:
   """``size`` filler tokens: a random window of ``corpus`` (wrapping), else repeated sentences."""
   if corpus is None:
-    return np.resize(_FILLER, size)
+    return np.resize(_filler(tok), size)
   start = rng.integers(corpus.size)
   return np.take(corpus, np.arange(start, start + size), mode="wrap")
 
 
-def _boundaries(hay: np.ndarray) -> np.ndarray:
-  """Offsets where a sentence or line starts (after a newline or after ``". "``), plus ends."""
-  nl, dot, sp = (int(c) for c in encode("\n. "))
+def _boundaries(hay: np.ndarray, tok: Any = BYTES) -> np.ndarray:
+  """Offsets where a sentence or line starts (after a token ending in a newline or ``". "``, or
+  after ``"."`` then a token ``" "``), plus the ends."""
+  uniq, inv = np.unique(hay, return_inverse=True)
+  texts = tok.token_texts(uniq)
+  nl = np.array([t.endswith("\n") or t.endswith(". ") for t in texts], bool)[inv]
+  dot = np.array([t.endswith(".") for t in texts], bool)[inv]
+  sp = np.array([t == " " for t in texts], bool)[inv]
   ok = np.zeros(hay.size + 1, bool)
   ok[[0, hay.size]] = True
-  ok[1:] |= hay == nl
-  ok[2:] |= (hay[:-1] == dot) & (hay[1:] == sp)
+  ok[1:] |= nl
+  ok[2:] |= dot[:-1] & sp[1:]
   return np.flatnonzero(ok)
 
 
 def insert(
-  hay: np.ndarray, pieces: list[np.ndarray], offsets: list[int], *, snap: int = 64
+  hay: np.ndarray,
+  pieces: list[np.ndarray],
+  offsets: list[int],
+  *,
+  snap: int = 64,
+  tok: Any = BYTES,
 ) -> tuple[np.ndarray, list[int], list[int]]:
   """Inserts ``pieces`` into ``hay`` at (snapped) ``offsets``.
 
@@ -187,12 +258,13 @@ def insert(
     pieces: token arrays to insert, in the order they must appear.
     offsets: non-decreasing haystack offsets in ``[0, F]``, one per piece.
     snap: the farthest a piece moves back to a boundary.
+    tok: the tokenizer of ``hay`` (to find sentence starts).
 
   Returns:
     The tokens ``[F + sum(len(pieces))]``, each piece's start index in them and each piece's
     snapped offset in ``hay``.
   """
-  bounds = _boundaries(hay)
+  bounds = _boundaries(hay, tok)
   snapped = []
   for off in offsets:
     b = bounds[np.searchsorted(bounds, off, side="right") - 1]

@@ -7,16 +7,17 @@ person moves several times (only the last move counts) among distractor facts ab
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from pipelines.data.tokenizer import EOS
 from pipelines.errors import InputError
 from pipelines.tasks.base import (
   Builder,
   Example,
   TaskSource,
   check_corpus,
-  encode,
+  encode_qa,
   haystack,
   insert,
 )
@@ -43,8 +44,8 @@ class FactChain(TaskSource):
     hops: supporting facts needed, 1 to 3.
     num_moves: moves of the asked person (only the last one answers the question).
     num_distractors: facts about other people (moves and pick-ups of other things).
-    corpus: optional 1-D byte-token array to draw the filler from (default repeated sentences).
-    seed, num_examples: see ``TaskSource``.
+    corpus: optional 1-D token array to draw the filler from (default repeated sentences).
+    seed, num_examples, tokenizer: see ``TaskSource``.
   """
 
   name = "fact_chain"
@@ -59,15 +60,16 @@ class FactChain(TaskSource):
     corpus: np.ndarray | None = None,
     seed: int = 0,
     num_examples: int = 10_000,
+    tokenizer: Any = None,
   ):
-    super().__init__(length=length, seed=seed, num_examples=num_examples)
+    super().__init__(length=length, seed=seed, num_examples=num_examples, tokenizer=tokenizer)
     if int(hops) not in (1, 2, 3):
       raise InputError(f"fact_chain: hops must be 1, 2 or 3, got {hops}")
     if int(num_moves) < 1 or int(num_distractors) < 0:
       raise InputError(f"fact_chain: bad num_moves={num_moves}/num_distractors={num_distractors}")
     self.hops, self.num_moves = int(hops), int(num_moves)
     self.num_distractors = int(num_distractors)
-    self.corpus = None if corpus is None else check_corpus(self.name, corpus)
+    self.corpus = None if corpus is None else check_corpus(self.name, corpus, self.tok)
     need = 2 + self._longest_story()
     if need > self.length + 1:
       raise InputError(f"fact_chain: length must be >= {need - 1}, got {self.length}")
@@ -78,14 +80,13 @@ class FactChain(TaskSource):
 
   def _longest_story(self) -> int:
     """The most tokens a story, question and answer can take, for the length check."""
-    person, place = max(PEOPLE, key=len), max(PLACES, key=len)
-    thing = max(ITEMS + CONTAINERS, key=len)
-    fact = max(
-      len(f"{person} journeyed to the {place}. "), len(f"{person} picked up the {thing}. ")
-    )
-    question = len(f"\nQuestion: Where is the {thing}?\nAnswer: ") + len(person)
+    n = lambda text: len(self.tok.encode(text))  # noqa: E731
+    person, place = max(PEOPLE, key=n), max(PLACES, key=n)
+    thing = max(ITEMS + CONTAINERS, key=n)
+    fact = max(n(f"{person} journeyed to the {place}. "), n(f"{person} picked up the {thing}. "))
+    question = n(f"\nQuestion: Where is the {thing}?\nAnswer: ") + n(person)
     facts = self.num_moves + self.num_distractors + self.hops - 1
-    return facts * fact + question + len(place)
+    return facts * fact + question + n(place)
 
   def _story(self, rng: np.random.Generator):
     """Returns facts in order, the indices of the supporting ones, the question and answer."""
@@ -126,19 +127,18 @@ class FactChain(TaskSource):
 
   def _example(self, rng: np.random.Generator) -> Example:
     facts, support, question, answer = self._story(rng)
-    pieces = [encode(f) for f in facts]
-    tail = encode(f"\nQuestion: {question}\nAnswer: ")
-    size = self.length + 1 - 2 - sum(p.size for p in pieces) - tail.size - len(answer)
+    pieces = [self.tok.encode(f) for f in facts]
+    qa = encode_qa(self.tok, [(f"\nQuestion: {question}\nAnswer: ", False), (answer, True)])
+    size = self.length + 1 - 2 - sum(p.size for p in pieces) - qa[0].size
     if size < 0:
       raise InputError(f"fact_chain: length {self.length} too short for this story")
     offsets = np.sort(rng.integers(0, size + 1, len(pieces)))
-    hay = haystack(rng, size, self.corpus)
-    tokens, starts, _ = insert(hay, pieces, list(offsets))
-    b = Builder()
+    hay = haystack(rng, size, self.corpus, self.tok)
+    tokens, starts, _ = insert(hay, pieces, list(offsets), tok=self.tok)
+    b = Builder(self.tok)
     first = b.add(tokens)
-    b.add(tail)
-    b.add(answer, answer=True)
-    b.add([EOS])
+    b.add_encoded(*qa)
+    b.add([self.tok.eos_id])
     support_pos = np.full(3, -1, np.int32)
     support_pos[: len(support)] = [first + starts[s] for s in support]
     return b.finish(self.length, hops=np.int32(self.hops), support_pos=support_pos)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from pipelines.data.tokenizer import SEP
 from pipelines.errors import InputError
-from pipelines.tasks.base import Builder, Example, TaskSource, check_range
+from pipelines.tasks.base import Builder, Example, TaskSource, check_range, check_symbol
 
 
 class MQAR(TaskSource):
@@ -29,10 +30,11 @@ class MQAR(TaskSource):
     length: tokens per example (the query region grows with it, so the gap does too).
     num_pairs: ``N`` key-value pairs (the difficulty, with the length).
     num_queries: ``Q <= N`` distinct keys asked; defaults to ``N``.
-    token_range: ``[lo, hi)`` ids used for keys and values.
+    token_range: ``[lo, hi)`` ids used for keys and values (indices into the tokenizer's
+      ``drawable_ids()``: byte ids for the byte tokenizer).
     power_a: Zoology's power-law exponent for the query slots (None = uniform positions).
-    gap_token: filler between the queries, outside ``token_range``.
-    seed, num_examples: see ``TaskSource``.
+    gap_token: filler between the queries, outside ``token_range`` (default the SEP id).
+    seed, num_examples, tokenizer: see ``TaskSource``.
   """
 
   name = "mqar"
@@ -44,21 +46,22 @@ class MQAR(TaskSource):
     num_pairs: int = 8,
     num_queries: int | None = None,
     token_range: tuple[int, int] = (0, 256),
-    gap_token: int = SEP,
+    gap_token: int | None = None,
     power_a: float | None = None,
     seed: int = 0,
     num_examples: int = 10_000,
+    tokenizer: Any = None,
   ):
-    super().__init__(length=length, seed=seed, num_examples=num_examples)
+    super().__init__(length=length, seed=seed, num_examples=num_examples, tokenizer=tokenizer)
     self.num_pairs = int(num_pairs)
     self.num_queries = self.num_pairs if num_queries is None else int(num_queries)
     if self.num_pairs < 1 or not 1 <= self.num_queries <= self.num_pairs:
       raise InputError(f"mqar: need 1 <= num_queries <= num_pairs, got {num_queries}, {num_pairs}")
-    self.lo, self.hi = check_range(self.name, token_range, 2 * self.num_pairs)
+    self.lo, self.hi = check_range(self.name, token_range, 2 * self.num_pairs, self.tok)
     self.mid = (self.lo + self.hi) // 2
-    if self.lo <= gap_token < self.hi:
-      raise InputError(f"mqar: gap_token {gap_token} must lie outside token_range {token_range}")
-    self.gap_token = int(gap_token)
+    self.ids = self.tok.drawable_ids()
+    gap = self.tok.sep_id if gap_token is None else gap_token
+    self.gap_token = check_symbol(self.name, "gap_token", gap, self.ids[self.lo : self.hi])
     need = 2 * (self.num_pairs + self.num_queries)
     if need > self.length:
       raise InputError(f"mqar: length must be >= {need}, got {self.length}")
@@ -83,7 +86,8 @@ class MQAR(TaskSource):
       slots = region // 2
       p = np.arange(1, slots + 1, dtype=np.float64) ** (self.power_a - 1.0)
       starts = 2 * np.sort(rng.choice(slots, q, replace=False, p=p / p.sum()))
-    b = Builder()
+    keys, values = self.ids[keys], self.ids[values]
+    b = Builder(self.tok)
     b.add(np.stack([keys, values], 1))
     base = b.pos
     prev = 0

@@ -7,18 +7,20 @@ Variants: ``single`` (one needle), ``multi_key`` (distractor needles with other 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from pipelines.data.tokenizer import EOS
 from pipelines.errors import InputError
 from pipelines.tasks.base import (
+  BYTES,
   Builder,
   Example,
   TaskSource,
   check_corpus,
   check_depth,
   digits,
-  encode,
+  encode_qa,
   haystack,
   insert,
 )
@@ -59,7 +61,7 @@ class Needle(TaskSource):
 
   Args:
     length: tokens per example.
-    corpus: 1-D byte-token array the haystacks are windows of.
+    corpus: 1-D token array (``tokenizer``'s ids) the haystacks are windows of.
     variant: one of ``VARIANTS``.
     depth: offset of the needle described above as a fraction of the haystack; ``None`` draws
       it per example.
@@ -67,7 +69,7 @@ class Needle(TaskSource):
       multi_value); ignored by ``single``.
     num_queries: keys asked by ``multi_query``.
     value_digits: digits per number (chance is ``10**-value_digits`` per span).
-    seed, num_examples: see ``TaskSource``.
+    seed, num_examples, tokenizer: see ``TaskSource``.
   """
 
   name = "needle"
@@ -84,12 +86,13 @@ class Needle(TaskSource):
     value_digits: int = 7,
     seed: int = 0,
     num_examples: int = 10_000,
+    tokenizer: Any = None,
   ):
-    super().__init__(length=length, seed=seed, num_examples=num_examples)
+    super().__init__(length=length, seed=seed, num_examples=num_examples, tokenizer=tokenizer)
     if variant not in VARIANTS:
       raise InputError(f"needle: variant must be one of {VARIANTS}, got {variant!r}")
     self.variant = variant
-    self.corpus = check_corpus(self.name, corpus)
+    self.corpus = check_corpus(self.name, corpus, self.tok)
     self.depth = check_depth(self.name, depth)
     self.num_needles = 1 if variant == "single" else int(num_needles)
     self.num_queries = {"multi_query": int(num_queries), "multi_value": self.num_needles}.get(
@@ -102,14 +105,17 @@ class Needle(TaskSource):
       raise InputError(f"needle: num_queries must be in [1, num_needles], got {num_queries}")
     if self.value_digits < 1:
       raise InputError(f"needle: value_digits must be >= 1, got {value_digits}")
-    longest = max(KEYS, key=len)
+    enc = self.tok.encode
+    longest = max(KEYS, key=lambda k: (len(enc(k)), len(k)))
     value = "0" * self.value_digits
     self._max_fixed = (
       2
-      + len(encode(_needle(longest, value))) * self.num_needles
-      + len(encode(_question(variant, [longest] * self.num_queries)))
-      + len(encode(", ".join([value] * self.num_queries)))
+      + len(enc(_needle(longest, value))) * self.num_needles
+      + len(enc(_question(variant, [longest] * self.num_queries)))
+      + len(enc(", ".join([value] * self.num_queries)))
     )
+    if self.tok is not BYTES:  # digits may take up to a token each, keys a few tokens more
+      self._max_fixed += (self.num_needles + self.num_queries) * (self.value_digits + 4)
     if self._max_fixed > self.length + 1:
       raise InputError(f"needle: length must be >= {self._max_fixed - 1}, got {self.length}")
 
@@ -117,34 +123,41 @@ class Needle(TaskSource):
   def chance(self) -> float:
     return 10.0**-self.value_digits
 
+  def _qa(self, question: str, values: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    parts = [(question, False)]
+    for j, v in enumerate(values):
+      parts += ([(", ", False)] if j else []) + [(v, True)]
+    return encode_qa(self.tok, parts)
+
   def _example(self, rng: np.random.Generator) -> Example:
     n, q = self.num_needles, self.num_queries
     keys = [KEYS[i] for i in rng.choice(len(KEYS), n, replace=False)]
     if self.variant == "multi_value":
       keys = keys[:1] * n
     values = [digits(rng, self.value_digits) for _ in range(n)]
-    needles = [encode(_needle(k, v)) for k, v in zip(keys, values)]
+    needles = [self.tok.encode(_needle(k, v)) for k, v in zip(keys, values)]
     fixed_q = keys[:1] if self.variant == "multi_value" else keys[:q]
-    question = encode(_question(self.variant, fixed_q))
-    answer_size = len(encode(", ".join(values[:q])))
-    size = self.length + 1 - 2 - sum(x.size for x in needles) - question.size - answer_size
+    question = _question(self.variant, fixed_q)
+    # The question and the answers are one text, encoded once (answers in the asked order,
+    # which for multi_value is known only after placement: sized here in index order, with a
+    # token of slack per answer for subword tokenizers, whose merges could differ by order).
+    qa_size = len(self._qa(question, values[:q])[0]) + (0 if self.tok is BYTES else q)
+    size = self.length + 1 - 2 - sum(x.size for x in needles) - qa_size
     depth = rng.uniform() if self.depth is None else self.depth
     offsets = [round(depth * size)] + list(rng.integers(0, size + 1, n - 1))
     order = np.argsort(offsets, kind="stable")
-    hay = haystack(rng, size, self.corpus)
-    tokens, starts, snapped = insert(hay, [needles[i] for i in order], [offsets[i] for i in order])
+    hay = haystack(rng, size, self.corpus, self.tok)
+    tokens, starts, snapped = insert(
+      hay, [needles[i] for i in order], [offsets[i] for i in order], tok=self.tok
+    )
     pos, hay_off = np.empty(n, np.int64), np.empty(n, np.int64)
     pos[order], hay_off[order] = starts, snapped
     # Multi-value answers in order of appearance; otherwise in the order the keys are asked.
     asked = list(order) if self.variant == "multi_value" else list(range(q))
-    b = Builder()
+    b = Builder(self.tok)
     first = b.add(tokens)
-    b.add(question)
-    for j, i in enumerate(asked):
-      if j:
-        b.add(", ")
-      b.add(values[i], answer=True)
-    b.add([EOS])
+    b.add_encoded(*self._qa(question, [values[i] for i in asked]))
+    b.add([self.tok.eos_id])
     return b.finish(
       self.length,
       depth=np.float32(hay_off[0] / max(size, 1)),

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from pipelines.data.tokenizer import EOS
 from pipelines.errors import InputError
 from pipelines.tasks.base import (
+  BYTES,
   Builder,
   Example,
   TaskSource,
   check_corpus,
   check_depth,
   digits,
-  encode,
+  encode_qa,
   haystack,
   insert,
 )
@@ -36,9 +38,9 @@ class Passkey(TaskSource):
     length: tokens per example.
     depth: needle offset as a fraction of the filler; ``None`` draws it per example.
     num_digits: digits of the key (the difficulty; chance is ``10**-num_digits``).
-    corpus: optional 1-D byte-token array to draw the filler from (default: repeated
-      "The grass is green..." sentences, as in the Landmark Attention paper).
-    seed, num_examples: see ``TaskSource``.
+    corpus: optional 1-D token array (of ``tokenizer``'s ids) to draw the filler from (default:
+      repeated "The grass is green..." sentences, as in the Landmark Attention paper).
+    seed, num_examples, tokenizer: see ``TaskSource``.
   """
 
   name = "passkey"
@@ -52,14 +54,18 @@ class Passkey(TaskSource):
     corpus: np.ndarray | None = None,
     seed: int = 0,
     num_examples: int = 10_000,
+    tokenizer: Any = None,
   ):
-    super().__init__(length=length, seed=seed, num_examples=num_examples)
+    super().__init__(length=length, seed=seed, num_examples=num_examples, tokenizer=tokenizer)
     if int(num_digits) < 1:
       raise InputError(f"passkey: num_digits must be >= 1, got {num_digits}")
     self.num_digits = int(num_digits)
     self.depth = check_depth(self.name, depth)
-    self.corpus = None if corpus is None else check_corpus(self.name, corpus)
-    self._fixed = 2 + len(encode(_needle("0" * self.num_digits) + _QUESTION)) + self.num_digits
+    self.corpus = None if corpus is None else check_corpus(self.name, corpus, self.tok)
+    enc = self.tok.encode
+    self._fixed = 2 + len(enc(_needle("0" * self.num_digits) + _QUESTION)) + self.num_digits
+    if self.tok is not BYTES:  # digits may take up to a token each wherever they appear
+      self._fixed = 2 + len(enc(_needle("") + _QUESTION)) + 3 * self.num_digits + 2
     if self._fixed > self.length + 1:
       raise InputError(f"passkey: length must be >= {self._fixed - 1}, got {self.length}")
 
@@ -70,14 +76,16 @@ class Passkey(TaskSource):
   def _example(self, rng: np.random.Generator) -> Example:
     key = digits(rng, self.num_digits)
     depth = rng.uniform() if self.depth is None else self.depth
-    size = self.length + 1 - self._fixed
-    hay = haystack(rng, size, self.corpus)
-    tokens, (pos,), _ = insert(hay, [encode(_needle(key))], [round(depth * size)])
-    b = Builder()
+    needle = self.tok.encode(_needle(key))
+    qa = encode_qa(self.tok, [(_QUESTION, False), (key, True)])
+    # Exactly `length + 1` tokens: start, filler with the needle, question + answer, EOS.
+    size = self.length + 1 - 2 - needle.size - qa[0].size
+    hay = haystack(rng, size, self.corpus, self.tok)
+    tokens, (pos,), _ = insert(hay, [needle], [round(depth * size)], tok=self.tok)
+    b = Builder(self.tok)
     start = b.add(tokens)
-    b.add(_QUESTION)
-    b.add(key, answer=True)
-    b.add([EOS])
+    b.add_encoded(*qa)
+    b.add([self.tok.eos_id])
     return b.finish(
       self.length,
       depth=np.float32(pos / max(size, 1)),
