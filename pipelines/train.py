@@ -62,8 +62,8 @@ def loss_fn(graphdef, params, rest, batch, remat: bool = False):
   if getattr(model, "accepts_segment_ids", True):
     logits, _ = model(batch["inputs"], segment_ids=batch["segment_ids"])
   else:
-    # Families that run one stream per row (block memories, segment recurrence) read the
-    # packed row as one stream; targets across a document boundary stay masked.
+    # Families defined on one stream (no memory reset at document starts) are fed one
+    # document per row by the loader (``PackedSequences(single_stream=True)``).
     logits, _ = model(batch["inputs"])
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   mask = batch["loss_mask"]
@@ -164,7 +164,9 @@ def train(
   config_lib.dump(exp, run_dir / "config.yaml")
 
   # Data: the corpus manifest is part of the run's record.
-  data = loader.build(exp.data, vocab_size=exp.model.vocab_size)
+  # Families without a memory reset at document starts get one document per row.
+  single_stream = not getattr(zoo.model_class(exp.model.family), "accepts_segment_ids", True)
+  data = loader.build(exp.data, vocab_size=exp.model.vocab_size, single_stream=single_stream)
   (run_dir / "data.json").write_text(json.dumps(data.manifest, indent=2))
 
   # Model, optimizer and mesh.

@@ -32,7 +32,8 @@ def test_cms_level_updates_once_per_chunk():
   # Written from the definition: chunk n reads W_n; W_{n+1} = W_n - sum_t theta_t grad l_t(W_n).
   k = x
   v = x @ level.w_target[...]
-  theta = jax.nn.sigmoid(x @ level.w_lr[...] + level.b_lr[...])
+  # theta = lr_max sigmoid(.) / chunk_size: lr_max caps the summed step of a chunk.
+  theta = jax.nn.sigmoid(x @ level.w_lr[...] + level.b_lr[...]) / 4
   mlp = lambda w, inp: jax.nn.silu(inp @ w[0]) @ w[1]
   want = []
   for b in range(2):
