@@ -6,18 +6,21 @@ are L2-normalised, and the gates theta (lr), eta (momentum) and alpha (decay) co
 input (data-dependent forgetting); optionally so do ATLAS's Omega weights gamma (how much each
 token counts in the windowed inner loss).
 
+``ops.memory.neural_memory`` trains the per-head memory MLP online and reads it; the memory's
+initial weights are parameters (the outer loop learns them). Memory weights, momenta and gates
+stay float32 whatever the compute dtype.
+
 Stability of the inner loop. The op takes every gradient of a chunk at the chunk-start weights
 ``M0``, so a chunk of ``C`` tokens with aligned keys (runs of one repeated byte in real text)
 moves the memory by the sum of ``C`` gradients at once, and per-token momentum adds up to
 ``C (C + 1) / 2`` of them as eta -> 1: with theta = 0.05 and eta = 0.9 a depth-2 memory on
 text reached 1e36 within 50 tokens. The learning rate is therefore parameterised so that
-``lr_max`` caps the whole chunk's step: ``theta_t = lr_max sigmoid(a_t) / (C c)`` (``c`` the
-Omega window, whose loss sums ``c`` terms) and, for the momentum optimiser, times
+``lr_max`` caps the whole chunk's step: ``theta_t = lr_max sigmoid(a_t) / C``; for the momentum
+optimiser also divided by the Omega window ``c`` (its loss sums ``c`` terms) and multiplied by
 ``(1 - eta_t)`` (momentum as an exponential average: each gradient is written with total
 weight theta_t instead of ``theta_t / (1 - eta_t)``). With unit-norm keys the l2 inner loss
-has curvature 2, so ``lr_max = 0.5`` means at most one full delta-rule write per chunk.
-Memory weights, momenta and gates stay float32 whatever the compute dtype. ``ops.memory.neural_memory`` trains the per-head memory MLP online and
-reads it; the memory's initial weights are parameters (the outer loop learns them).
+has curvature 2, so ``lr_max = 0.5`` is at most one full delta-rule write per chunk. Muon's
+update ``theta NS(U)`` has a bounded norm whatever the gradient, so only ``1 / C`` applies.
 
 The same ``__call__`` serves the full forward (``state=None``) and decoding (a state from
 ``init_state``): the op's state carries the chunk grid, so any split of a sequence into calls
