@@ -9,6 +9,7 @@ from flax import nnx
 import zoo
 from pipelines.data.tokenizer import SEP
 from pipelines.tasks.base import Builder, TaskSource
+from tests.zoo.helpers import step_fn
 from zoo.layers.neural_memory import NeuralMemory, causal_conv
 
 # Float32 throughout; differences come from summation order only (chunked vs token-by-token
@@ -126,8 +127,16 @@ def test_decode_matches_forward_and_causal(variant):
 @pytest.mark.parametrize("variant", ["lmm", "mac"])
 def test_decode_state_size_is_constant_in_context_length(variant):
   model = zoo.build(tiny(variant=variant), rngs=0)
-  shapes = lambda n: jax.tree.map(lambda a: a.shape, jax.eval_shape(lambda: model.init_state(2, n)))
-  assert shapes(16) == shapes(4096)
+  # The state after 3 and after 40 decoded tokens (past the max_len of 16 it was built for)
+  # keeps the initial shapes and carries the context (the two states differ).
+  start = model.init_state(2, 16)
+  x = tokens(9, 2, 40)
+  _, short = step_fn(model)(x[:, :3], start)
+  _, long = step_fn(model)(x, start)
+  shapes = lambda s: jax.tree.map(jnp.shape, s)
+  assert shapes(short) == shapes(long) == shapes(start)
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), short["blocks"], long["blocks"])
+  assert max(jax.tree.leaves(diff)) > 1e-4
 
 
 def _grads(cfg):
