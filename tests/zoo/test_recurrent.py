@@ -111,7 +111,7 @@ def check_constant_state(model) -> None:
   _, short = step_fn(model)(x[:, :3], start)
   _, long = step_fn(model)(x, start)
   assert shapes(short) == shapes(long) == shapes(start)
-  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), short, long)
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b), initial=0.0)), short, long)
   assert max(jax.tree.leaves(diff)) > 1e-4
   assert model.state_size() is not None and model.state_size() > 0
 
