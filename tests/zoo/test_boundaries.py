@@ -28,6 +28,9 @@ SMALL = {
   "titans": dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, chunk_size=2),
   "atlas": dict(d_model=32, n_layers=1, n_heads=4, d_ff=64, chunk_size=2),
   "hope": dict(d_model=32, n_layers=1, n_heads=2, chunk_size=2, cms_hidden=32),
+  # Windows shorter than a document, so that the sinks matter.
+  "streaming": dict(sinks=2, window=4),
+  "duo": dict(sinks=2, window=4),
 }
 
 
