@@ -287,3 +287,37 @@ def test_mac_recalls_across_segments():
   # Measured 0.34 vs chance 0.125; 2x chance on 256 answers is 4.8 standard deviations up.
   assert np.isfinite(result["last_loss"]), result
   assert result["accuracy"] > 2 * result["chance"], result
+
+
+def test_inner_step_is_capped_per_chunk():
+  """Aligned keys (one repeated input) with wide-open gates: the chunk's summed step stays
+  within the cap and the memory stays bounded; the former per-token rate (theta = lr_max
+  sigmoid(.), raw momentum) blows up on the same input."""
+  import ops.memory.neural as nm
+  from ops.memory.neural.common import mlp_apply
+
+  layer = NeuralMemory(16, 2, 8, hidden=16, chunk_size=8, conv_size=0, rngs=nnx.Rngs(0))
+  layer.b_gates[...] = jnp.broadcast_to(jnp.array([6.0, 4.0, -8.0])[:, None], (3, 2))
+  x = jnp.broadcast_to(jax.random.normal(jax.random.key(3), (1, 1, 16)), (1, 128, 16))
+  q, k, v, lr, eta, alpha, _ = layer.project(x, None)
+  np.testing.assert_allclose(jnp.sum(lr[0, :8], 0) / (1 - eta[0, 0]), 0.5, rtol=0.01)
+
+  def final_norm(theta):
+    y, state = nm.neural_memory(
+      q, k, v, lr=theta, momentum=eta, decay=alpha, memory=layer.initial_weights(), chunk_size=8
+    )
+    w = state["weights"]
+    return float(jnp.sqrt(sum(jnp.sum(a * a) for a in w.values()))), y, w
+
+  def error(w):  # ||M(k) - v|| of the repeated pair
+    return float(jnp.linalg.norm(mlp_apply(w, k[:, -1], "silu", False) - v[:, -1]))
+
+  init = {n: a[None] for n, a in layer.initial_weights().items()}
+  start = float(jnp.sqrt(sum(jnp.sum(a * a) for a in init.values())))
+  capped, y, w = final_norm(lr)
+  assert np.all(np.isfinite(np.asarray(y))) and capped < 3 * start
+  # The capped memory still learns the repeated pair (slowly: eta = 0.98 spreads each write
+  # over ~50 tokens, so 128 tokens halve the error).
+  assert error(w) < 0.7 * error(init)
+  former, _, _ = final_norm(layer.lr_max * jax.nn.sigmoid(6.0) * jnp.ones_like(lr))
+  assert not np.isfinite(former) or former > 1e3 * start
