@@ -38,6 +38,8 @@ def _reduced(path: Path) -> list[str]:
   model = exp.model
   if hasattr(model, "backbone"):
     sizes = ["model.backbone.n_layers=1", "model.backbone.max_len=64"]
+  elif getattr(model, "attention_layers", ()):
+    sizes = []  # hybrids (BASED, JRT) keep their two layers: layer 1 is the attention layer
   else:
     sizes = ["model.n_layers=1"]
     if model.family == "transformer":
