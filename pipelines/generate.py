@@ -70,9 +70,7 @@ def generate(
       break
     key = jax.random.fold_in(key, i)
     tok, dstate = step(state, tok[:, None], dstate, key)
-  release = getattr(model, "release_state", None)
-  if release is not None:  # an offloaded memory frees its host store
-    release(dstate)
+  model.release_state(dstate)  # an offloaded memory frees its host store
   return np.stack([np.asarray(t) for t in out], axis=1)
 
 

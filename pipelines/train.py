@@ -65,8 +65,8 @@ def loss_fn(graphdef, params, rest, batch):
   if model.accepts_segment_ids:
     logits, _ = model(batch["inputs"], segment_ids=batch["segment_ids"])
   else:
-    # Families that run one stream per row (block memories, segment recurrence) read the
-    # packed row as one stream; targets across a document boundary stay masked.
+    # Families defined on one stream (no memory reset at document starts) are fed one
+    # document per row by the loader (``PackedSequences(single_stream=True)``).
     logits, _ = model(batch["inputs"])
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   mask = batch["loss_mask"]
@@ -218,7 +218,11 @@ def _train(exp: config_lib.Experiment, run_dir: Path, on_step) -> TrainResult:
 
   # Data: the corpus manifest is part of the run's record.
   tok = load_tokenizer(exp)
-  data = loader.build(exp.data, vocab_size=exp.model.vocab_size, tokenizer=tok)
+  # Families without a memory reset at document starts get one document per row.
+  single_stream = not zoo.model_class(exp.model.family).accepts_segment_ids
+  data = loader.build(
+    exp.data, vocab_size=exp.model.vocab_size, tokenizer=tok, single_stream=single_stream
+  )
   if primary:
     rundir.atomic_write_text(run_dir / "data.json", json.dumps(data.manifest, indent=2))
 

@@ -2,7 +2,7 @@
 ``zoo.build(config, rngs=...)``; every model returns ``(logits, aux)`` and decodes with
 ``init_state`` / ``step``."""
 
-from zoo.registry import build, config, family, list_models, presets, register
+from zoo.registry import build, config, family, list_models, model_class, presets, register
 
 register(
   "transformer", "zoo.transformer", "Transformer", "Llama-style baseline (GQA, RoPE, SwiGLU)"
@@ -22,4 +22,4 @@ register("titans", "zoo.titans", "Titans", "neural long-term memory: MAC, MAG, M
 register("atlas", "zoo.atlas", "Atlas", "Titans with Omega rule, polynomial features, Muon")
 register("hope", "zoo.hope", "Hope", "continuum memory system + self-modifying Titans")
 
-__all__ = ["build", "config", "family", "list_models", "presets", "register"]
+__all__ = ["build", "config", "family", "list_models", "model_class", "presets", "register"]

@@ -37,6 +37,8 @@ class LanguageModel(Protocol):
     family is defined on one stream per row and the loader must not pack.
   - ``max_len``: the longest sequence the model is built for; ``unbounded_decode``: ``step``
     may run past it (constant-size decode state).
+  - ``model.release_state(state)``: frees what a decode state holds off device (InfLLM's
+    host store); a no-op for the others.
   """
 
   config: Any
@@ -49,6 +51,8 @@ class LanguageModel(Protocol):
   def step(self, tokens: jax.Array, state: Any) -> Any: ...
 
   def state_size(self) -> int | None: ...
+
+  def release_state(self, state: Any) -> None: ...
 
   @property
   def max_len(self) -> int: ...
@@ -66,6 +70,10 @@ class ZooModel(nnx.Module):
   def state_size(self) -> int | None:
     """Floats of recall state per sequence; None (the default): grows with the sequence."""
     return None
+
+  def release_state(self, state: Any) -> None:
+    """Frees what a decode state holds outside device arrays (a host-offloaded memory)."""
+    del state
 
   @property
   def max_len(self) -> int:

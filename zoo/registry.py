@@ -62,10 +62,14 @@ def config(name: str, preset: str = "tiny", **overrides: Any) -> Any:
   return table[preset](**overrides)
 
 
+def model_class(name: str) -> type:
+  """The model class of a family (class attributes such as ``accepts_segment_ids``)."""
+  fam = family(name)
+  return getattr(importlib.import_module(f"{fam.module}.model"), fam.model_class)
+
+
 def build(cfg: Any, *, rngs: nnx.Rngs | int = 0) -> nnx.Module:
   """Instantiates the model of a config (its ``family`` field names the family)."""
-  fam = family(cfg.family)
   if isinstance(rngs, int):
     rngs = nnx.Rngs(rngs)
-  cls = getattr(importlib.import_module(f"{fam.module}.model"), fam.model_class)
-  return cls(cfg, rngs=rngs)
+  return model_class(cfg.family)(cfg, rngs=rngs)

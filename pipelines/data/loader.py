@@ -32,11 +32,14 @@ def load_corpus(cfg: DataConfig) -> corpora.Corpus:
   return corpora.jsonl_corpus(cfg.paths, cfg.jsonl_field, cfg.max_documents)
 
 
-def build(cfg: DataConfig, vocab_size: int, tokenizer: Any = None) -> Data:
+def build(
+  cfg: DataConfig, vocab_size: int, tokenizer: Any = None, single_stream: bool = False
+) -> Data:
   """Reads the corpus, splits it, packs both sides and checks ids against ``vocab_size``.
 
   ``tokenizer``: the run's (``pipelines.tokenizers.load_tokenizer(exp)``); ``None`` is only
-  allowed for ``data.tokenizer: byte``.
+  allowed for ``data.tokenizer: byte``. ``single_stream``: one document per row (for models that
+  refuse packed ``segment_ids``).
   """
   if tokenizer is None:
     if cfg.tokenizer != "byte":
@@ -51,8 +54,8 @@ def build(cfg: DataConfig, vocab_size: int, tokenizer: Any = None) -> Data:
   heldout_tokens, heldout_docids = pack(heldout_docs, tok)
   check_vocab(train_tokens, vocab_size, "training data")
   check_vocab(heldout_tokens, vocab_size, "held-out data")
-  train = PackedSequences(train_tokens, train_docids, cfg.seq_len)
-  heldout = PackedSequences(heldout_tokens, heldout_docids, cfg.seq_len)
+  train = PackedSequences(train_tokens, train_docids, cfg.seq_len, single_stream)
+  heldout = PackedSequences(heldout_tokens, heldout_docids, cfg.seq_len, single_stream)
   manifest = dict(corpus.manifest)
   manifest.update(
     train_documents=len(train_docs),

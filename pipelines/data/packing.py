@@ -45,13 +45,26 @@ class PackedSequences:
   """A grain random-access source of packed training sequences.
 
   Each item: ``inputs, targets, segment_ids [L]`` int32 and ``loss_mask [L]`` float32.
+  With ``single_stream`` (families whose memory has no reset at document starts) every row
+  holds one document: rows start at a document start or continue the previous row of the same
+  document, and the rest of a row after its document ends is padding (segment 2, no loss).
   """
 
-  def __init__(self, tokens: np.ndarray, doc_ids: np.ndarray, seq_len: int):
+  def __init__(
+    self, tokens: np.ndarray, doc_ids: np.ndarray, seq_len: int, single_stream: bool = False
+  ):
     if len(tokens) != len(doc_ids):
       raise InputError("tokens and doc_ids differ in length")
     self.tokens, self.doc_ids, self.seq_len = tokens, doc_ids, seq_len
-    self._len = (len(tokens) - 1) // seq_len
+    self.single_stream = single_stream
+    if single_stream:
+      # Row starts: every seq_len tokens from each document start, while a target is left.
+      bounds = np.flatnonzero(np.diff(doc_ids, prepend=-1, append=-1))
+      starts = [np.arange(lo, hi - 1, seq_len) for lo, hi in zip(bounds[:-1], bounds[1:])]
+      self._starts = np.concatenate(starts).astype(np.int64)
+      self._len = len(self._starts)
+    else:
+      self._len = (len(tokens) - 1) // seq_len
     if self._len < 1:
       raise InputError(f"only {len(tokens)} tokens: too few for one sequence of {seq_len}")
 
@@ -61,6 +74,8 @@ class PackedSequences:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     if not 0 <= index < self._len:
       raise IndexError(index)
+    if self.single_stream:
+      return self._single(index)
     lo = index * self.seq_len
     window = self.tokens[lo : lo + self.seq_len + 1].astype(np.int32)
     docs = self.doc_ids[lo : lo + self.seq_len + 1]
@@ -70,6 +85,20 @@ class PackedSequences:
       "targets": window[1:],
       "segment_ids": seg[:-1],
       "loss_mask": (seg[:-1] == seg[1:]).astype(np.float32),
+    }
+
+  def _single(self, index: int) -> dict[str, np.ndarray]:
+    lo, n = int(self._starts[index]), self.seq_len
+    window = self.tokens[lo : lo + n + 1].astype(np.int32)
+    same = self.doc_ids[lo : lo + n + 1] == self.doc_ids[lo]
+    window = np.where(same, window, 0)
+    window = np.pad(window, (0, n + 1 - len(window)))
+    same = np.pad(same, (0, n + 1 - len(same)))
+    return {
+      "inputs": window[:-1],
+      "targets": window[1:],
+      "segment_ids": np.where(same[:-1], 1, 2).astype(np.int32),
+      "loss_mask": (same[:-1] & same[1:]).astype(np.float32),
     }
 
   def __repr__(self) -> str:

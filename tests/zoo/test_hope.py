@@ -8,6 +8,7 @@ from flax import nnx
 
 import zoo
 from tests.ops.test_neural_memory_semantics import independent_self_targets
+from tests.zoo.helpers import step_fn
 from zoo.hope.cms import CMSLevel
 from zoo.layers.neural_memory import NeuralMemory
 
@@ -32,7 +33,8 @@ def test_cms_level_updates_once_per_chunk():
   # Written from the definition: chunk n reads W_n; W_{n+1} = W_n - sum_t theta_t grad l_t(W_n).
   k = x
   v = x @ level.w_target[...]
-  theta = jax.nn.sigmoid(x @ level.w_lr[...] + level.b_lr[...])
+  # theta = lr_max sigmoid(.) / chunk_size: lr_max caps the summed step of a chunk.
+  theta = jax.nn.sigmoid(x @ level.w_lr[...] + level.b_lr[...]) / 4
   mlp = lambda w, inp: jax.nn.silu(inp @ w[0]) @ w[1]
   want = []
   for b in range(2):
@@ -131,8 +133,18 @@ def test_kv_generator_trains_on_its_own_targets():
 
 def test_decode_state_size_is_constant_in_context_length():
   model = zoo.build(tiny(), rngs=0)
-  shapes = lambda n: jax.tree.map(lambda a: a.shape, jax.eval_shape(lambda: model.init_state(2, n)))
-  assert shapes(16) == shapes(4096)
+  # The state after 3 and after 40 decoded tokens (past the max_len of 16 it was built for)
+  # keeps the initial shapes and carries the context (the two states differ).
+  start = model.init_state(2, 16)
+  x = tokens(9, 2, 40)
+  _, short = step_fn(model)(x[:, :3], start)
+  _, long = step_fn(model)(x, start)
+  shapes = lambda s: jax.tree.map(jnp.shape, s)
+  assert shapes(short) == shapes(long) == shapes(start)
+  diff = jax.tree.map(
+    lambda a, b: float(jnp.max(jnp.abs(a - b), initial=0.0)), short["blocks"], long["blocks"]
+  )
+  assert max(jax.tree.leaves(diff)) > 1e-4
 
 
 def test_gradients_finite_and_nonzero():

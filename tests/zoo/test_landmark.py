@@ -114,17 +114,3 @@ def test_trains_on_mqar_beyond_chance():
     cfg, train, evals, Budget(steps=200, batch_size=16, lr=3e-3, eval_examples=64)
   )
   assert out["accuracy"] > 3 * out["chance"]
-
-
-def test_packed_documents_do_not_interact():
-  # The second document's logits must not move when the first document changes.
-  model = zoo.build(landmark(), rngs=4)
-  a, a2, b = tokens(4, 1, 8), tokens(8, 1, 8), tokens(5, 1, 7)
-  graphdef, state = nnx.split(model)
-  run = jax.jit(lambda x, s: nnx.merge(graphdef, state)(x, segment_ids=s)[0])
-  seg = jnp.concatenate([jnp.ones((1, 8), jnp.int32), 2 * jnp.ones((1, 7), jnp.int32)], axis=1)
-  both = run(
-    jnp.concatenate([jnp.concatenate([a, b], 1), jnp.concatenate([a2, b], 1)]), seg.repeat(2, 0)
-  )
-  np.testing.assert_allclose(both[0, 8:], both[1, 8:], atol=1e-6)
-  assert np.abs(np.asarray(both[0, :8] - both[1, :8])).max() > 1e-4

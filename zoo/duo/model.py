@@ -23,7 +23,14 @@ from zoo.transformer.model import Transformer
 
 
 class DuoAttention(ZooModel):
-  """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``."""
+  """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``.
+
+  One stream per row: the streaming heads' sinks are the stream's first tokens, so a packed
+  row's later documents would have none. Packed ``segment_ids`` are refused (ValueError) and
+  the training loader feeds one document per row.
+  """
+
+  accepts_segment_ids = False
 
   @property
   def max_len(self) -> int:
@@ -65,12 +72,16 @@ class DuoAttention(ZooModel):
     self, tokens: jax.Array, segment_ids: jax.Array | None = None
   ) -> tuple[jax.Array, dict[str, Any]]:
     """``tokens [B,T]`` -> ``(logits [B,T,vocab] f32, {})`` with the per-head masks."""
-    seg = None if segment_ids is None else (segment_ids, segment_ids)
+    if segment_ids is not None:
+      raise ValueError(
+        "DuoAttention takes one stream per row, not packed segment_ids (the streaming heads' "
+        "sinks are the stream's first tokens); feed one document per row"
+      )
 
     def attend(i, attn, h):
       q, k, v = self._qkv(attn, h)
       o = attn_ops.dot_product_attention(
-        q, k, v, mask=self.masks(i), segment_ids=seg, implementation=attn.implementation
+        q, k, v, mask=self.masks(i), implementation=attn.implementation
       )
       return attn.out(o)
 

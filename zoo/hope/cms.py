@@ -3,7 +3,11 @@
 An MLP block whose weights are updated in context every ``chunk_size`` tokens: tokens of chunk
 ``n`` are read with the weights ``W_n``, and
 ``W_{n+1} = W_n - sum_{t in chunk n} theta_t grad_W ||MLP_W(k_t) - v_t||^2 / D |_{W_n}``
-(keys are the block's normalised input, targets a learned projection of it). Levels with
+(keys are the block's normalised input, targets a learned projection of it) and
+``theta_t = lr_max sigmoid(.) / chunk_size``: every gradient of a chunk is taken at ``W_n``, so
+a chunk of aligned inputs moves the weights by the sum of its gradients at once; the division
+makes ``lr_max`` cap that summed step (with RMS-normalised keys the loss has curvature about
+2 per unit of theta, so the cap keeps the update contractive). Levels with
 different chunk sizes form a spectrum from fast (per-token) to slow memories. The update is
 causal because a chunk only ever reads weights built from earlier chunks.
 """
@@ -49,7 +53,7 @@ class CMSLevel(nnx.Module):
   def _inputs(self, x):
     x = x.astype(jnp.float32)
     v = x @ self.w_target[...]
-    theta = self.lr_max * jax.nn.sigmoid(x @ self.w_lr[...] + self.b_lr[...])
+    theta = self.lr_max / self.chunk_size * jax.nn.sigmoid(x @ self.w_lr[...] + self.b_lr[...])
     return x, v, theta
 
   def init_state(self, batch: int) -> dict[str, Any]:

@@ -22,7 +22,8 @@ class HopeConfig:
     memory_expansion: hidden width of a depth-2 memory in units of head_dim.
     chunk_size: tokens per chunk of the Titans memory update (power of two).
     conv_size: short causal convolution width on memory q/k/v (0 = none).
-    memory_lr_max: upper bound of the Titans memory's inner learning rate.
+    memory_lr_max: cap of the Titans memory's summed inner step per chunk
+      (``zoo.layers.neural_memory``).
     self_modifying: keys and values come from a memory trained in context (Hope); False
       gives plain Titans projections.
     self_targets: the self-modifying key/value memory generates its own targets
@@ -31,7 +32,7 @@ class HopeConfig:
     cms_chunk_sizes: update period of each CMS level, fastest first (Nested Learning's
       frequencies); one MLP level per entry.
     cms_hidden: hidden width of each CMS MLP.
-    cms_lr_max: upper bound of the CMS levels' inner learning rate.
+    cms_lr_max: cap of a CMS level's summed inner step per chunk (``zoo.hope.cms``).
     norm_eps: RMSNorm epsilon.
     tie_embeddings: output projection = transposed input embedding.
     dtype: compute dtype; parameters and fast weights stay float32.
@@ -49,12 +50,12 @@ class HopeConfig:
   memory_expansion: int = 2
   chunk_size: int = 16
   conv_size: int = 4
-  memory_lr_max: float = 0.1
+  memory_lr_max: float = 0.5
   self_modifying: bool = True
   self_targets: bool = True
   cms_chunk_sizes: tuple[int, ...] = (1, 16, 64)
   cms_hidden: int = 256
-  cms_lr_max: float = 0.05
+  cms_lr_max: float = 0.2
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -73,9 +73,12 @@ class Hope(TokenEmbedding, ZooModel):
   """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``.
 
   ``aux["cms_drift"]`` is ``[L, levels]``: how far each CMS level's weights moved in context
-  (mean Frobenius norm of final minus initial ``W1``). ``segment_ids`` are accepted and
-  ignored: the in-context memories have no document reset.
+  (mean Frobenius norm of final minus initial ``W1``). One stream per row: the in-context
+  memories have no reset at a document start, so packed ``segment_ids`` are refused
+  (ValueError) and the training loader feeds one document per row.
   """
+
+  accepts_segment_ids = False
 
   def __init__(self, config: HopeConfig, *, rngs: nnx.Rngs):
     c = config
@@ -96,7 +99,11 @@ class Hope(TokenEmbedding, ZooModel):
     self, tokens: jax.Array, segment_ids: jax.Array | None = None
   ) -> tuple[jax.Array, dict[str, Any]]:
     """``tokens [B,T]`` int32 -> ``(logits [B,T,vocab] float32, aux)``."""
-    del segment_ids  # see the class docstring
+    if segment_ids is not None:
+      raise ValueError(
+        "Hope takes one stream per row, not packed segment_ids (its memories have no reset "
+        "at document starts); feed one document per row"
+      )
     logits, states = self._run(tokens, None)
     drift = [
       jnp.stack(

@@ -81,7 +81,14 @@ def _safe_softmax(s):
 
 
 class Landmark(ZooModel):
-  """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``."""
+  """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``.
+
+  One stream per row: the landmark blocks lie on the stream's grid, so a document packed
+  after another would be cut into blocks at other offsets than alone. Packed ``segment_ids``
+  are refused (ValueError) and the training loader feeds one document per row.
+  """
+
+  accepts_segment_ids = False
 
   @property
   def max_len(self) -> int:
@@ -99,11 +106,12 @@ class Landmark(ZooModel):
   def __call__(
     self, tokens: jax.Array, segment_ids: jax.Array | None = None
   ) -> tuple[jax.Array, dict[str, Any]]:
-    """``tokens [B,T]`` -> ``(logits [B,T,vocab] f32, {})``.
-
-    ``segment_ids [B,T]``: packed documents never see each other (a landmark belongs to the
-    document of the last token before it); RoPE is relative, so row positions serve them all.
-    """
+    """``tokens [B,T]`` -> ``(logits [B,T,vocab] f32, {})`` (one stream per row)."""
+    if segment_ids is not None:
+      raise ValueError(
+        "Landmark takes one stream per row, not packed segment_ids (its blocks lie on the "
+        "stream's grid); feed one document per row"
+      )
     b, t = tokens.shape
     per, bs = self.config.block_size - 1, self.config.block_size
     nb = -(-t // per)
@@ -112,15 +120,11 @@ class Landmark(ZooModel):
     lm = jnp.broadcast_to(self.landmark[...].astype(x.dtype), (b, nb, 1, x.shape[-1]))
     x = jnp.concatenate([x, lm], axis=2).reshape(b, nb * bs, -1)
     pos = jnp.broadcast_to(jnp.arange(nb * bs, dtype=jnp.int32), (b, nb * bs))
-    seg = None
-    if segment_ids is not None:
-      seg = jnp.pad(segment_ids, ((0, 0), (0, nb * per - t)), mode="edge").reshape(b, nb, per)
-      seg = jnp.concatenate([seg, seg[:, :, -1:]], axis=2).reshape(b, nb * bs)
 
     def attend(i, attn, h):
       q, k, v = attn.project(h)
       q, k = self._rotate(attn, q, pos), self._rotate(attn, k, pos)
-      return attn.out(grouped_attention(q, k, v, bs, self.config.top_k, seg).astype(h.dtype))
+      return attn.out(grouped_attention(q, k, v, bs, self.config.top_k).astype(h.dtype))
 
     h = forward_blocks(self.backbone, x, attend)
     h = h.reshape(b, nb, bs, -1)[:, :, :per].reshape(b, nb * per, -1)[:, :t]

@@ -20,7 +20,15 @@ from zoo.transformer.model import Transformer
 
 
 class StreamingLLM(ZooModel):
-  """``logits, aux = model(tokens [B,T])``; ``init_state`` / ``step`` use constant memory."""
+  """``logits, aux = model(tokens [B,T])``; ``init_state`` / ``step`` use constant memory.
+
+  One stream per row: the sinks are the stream's first tokens, so a packed row's later
+  documents would have none. Packed ``segment_ids`` are refused (ValueError) when the model
+  has sinks, and the training loader feeds one document per row; window-only models
+  (``sinks=0``, no learnable sink) accept them.
+  """
+
+  accepts_segment_ids = False
 
   @property
   def max_len(self) -> int:
@@ -54,8 +62,13 @@ class StreamingLLM(ZooModel):
   ) -> tuple[jax.Array, dict[str, Any]]:
     """``tokens [B,T]`` int32 -> ``(logits [B,T,vocab] f32, {})``.
 
-    ``segment_ids [B,T]``: packed documents (training); only a row's first document has sinks.
+    ``segment_ids [B,T]``: packed documents, only without sinks (see the class docstring).
     """
+    if segment_ids is not None and (self.config.sinks or self.num_sink_tokens):
+      raise ValueError(
+        "StreamingLLM with sinks takes one stream per row, not packed segment_ids (a later "
+        "document would have no sinks); feed one document per row"
+      )
     x = self._embed(tokens)
     n = self.num_sink_tokens
     if n:

@@ -30,7 +30,8 @@ class TitansConfig:
     memory_expansion: hidden width of a depth-2 memory in units of head_dim.
     chunk_size: tokens per chunk of the memory update (power of two; 1 = fully sequential).
     conv_size: short causal convolution width on memory q/k/v (0 = none).
-    memory_lr_max: upper bound of the learned inner learning rate theta.
+    memory_lr_max: cap of the memory's summed inner step per chunk (theta =
+      ``lr_max sigmoid(.) / (chunk_size omega_window)``, see ``zoo.layers.neural_memory``).
     omega_window: tokens in the inner loss (ATLAS's Omega rule; 1 = Titans).
     feature_map: key/query feature map of the memory ("identity", "poly2", "poly3", "poly4":
       degree-P Taylor features of the exponential kernel, "elu1").
@@ -65,7 +66,7 @@ class TitansConfig:
   memory_expansion: int = 2
   chunk_size: int = 16
   conv_size: int = 4
-  memory_lr_max: float = 0.1
+  memory_lr_max: float = 0.5
   omega_window: int = 1
   feature_map: Literal["identity", "poly2", "poly3", "poly4", "elu1"] = "identity"
   objective: Literal["l2", "dot"] = "l2"

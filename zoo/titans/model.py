@@ -31,9 +31,12 @@ class Titans(TokenEmbedding, ZooModel):
   For mag/mal/lmm the ``n_persistent`` learned tokens are a prefix of every sequence (the
   decode state starts after them); for mac they sit in every segment's attention context.
   ``aux["memory_norm"]`` is ``[L]``, the mean norm of each layer's final memory weights.
-  Packed documents (``segment_ids``) are not separated: the neural memory has no reset, so
-  the ids are accepted and ignored (pack one document per row for exact isolation).
+  One stream per row: the neural memory's chunked update has no reset at a document start,
+  so packed ``segment_ids`` are refused (ValueError) and the training loader feeds these
+  models one document per row (``accepts_segment_ids = False``).
   """
+
+  accepts_segment_ids = False
 
   def __init__(self, config: TitansConfig, *, rngs: nnx.Rngs):
     c = config
@@ -61,7 +64,11 @@ class Titans(TokenEmbedding, ZooModel):
     self, tokens: jax.Array, segment_ids: jax.Array | None = None
   ) -> tuple[jax.Array, dict[str, Any]]:
     """``tokens [B,T]`` int32 -> ``(logits [B,T,vocab] float32, aux)``."""
-    del segment_ids  # see the class docstring
+    if segment_ids is not None:
+      raise ValueError(
+        f"{type(self).__name__} takes one stream per row, not packed segment_ids (its memory "
+        "has no reset at document starts); feed one document per row"
+      )
     x = self.embed_tokens(tokens)
     batch = x.shape[0]
     states = []
