@@ -1,13 +1,16 @@
 """The ``memzoo`` command line.
 
-memzoo train CONFIG.yaml [key=value ...]    train (resumes from the run's latest checkpoint)
+memzoo train RECIPE [key=value ...]         train (resumes from the run's latest checkpoint)
 memzoo eval RUN [--suite NAME]              held-out perplexity and synthetic tasks
 memzoo extrapolate RUN [--factors ...]      loss by position/length, passkey grids, RoPE variants
-memzoo demo [CONFIG.yaml] [key=value ...]   train + evaluate + sample + report
+memzoo demo [RECIPE] [key=value ...]        transformer vs a memory model, extrapolated
 memzoo report RUN                           (re)write RUN/report.md
 memzoo bench attention|memory|model         kernel and model speed/memory tables
 memzoo models                               list registered model families and presets
-memzoo check CONFIG.yaml [key=value ...]    validate a config and print it resolved
+memzoo check RECIPE [key=value ...]         validate a config and print it resolved
+memzoo recipes                              list the shipped recipes and their purpose
+
+RECIPE is a YAML file or the name of a recipe that ships with the package (transformer_tiny).
 memzoo export RUN --format FMT [--out DIR]  safetensors, hf (Llama directory) or stablehlo
 memzoo import-hf DIR --run RUN              a local HF Llama/Mistral/Qwen2 model as a run
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from pipelines.config import ConfigError
 
-DEFAULT_DEMO = "configs/demo.yaml"
+DEFAULT_DEMO = "demo"
 
 
 def _train(args) -> int:
@@ -57,14 +60,18 @@ def _eval(args) -> int:
 def _extrapolate(args) -> int:
   from pipelines import extrapolate
 
-  factors = tuple(float(x) for x in args.factors.split(","))
-  variants = tuple(args.variants.split(","))
+  try:
+    factors = tuple(float(x) for x in args.factors.split(","))
+  except ValueError:
+    raise ValueError(f"--factors must be comma-separated numbers, got {args.factors!r}") from None
+  variants = tuple(v for v in args.variants.split(",") if v) if args.variants else None
   res = extrapolate.run(
     args.run,
     factors=factors,
     variants=variants,
     windows=args.windows,
     passkey_examples=args.passkey_examples,
+    progress=True,
   )
   for name, v in res["variants"].items():
     losses = "  ".join(f"{n}:{p['mean_loss']:.3f}" for n, p in v["perplexity"].items())
@@ -76,7 +83,8 @@ def _extrapolate(args) -> int:
 def _demo(args) -> int:
   from pipelines import demo
 
-  path = demo.run(args.config, args.overrides)
+  memory = None if args.memory == "none" else args.memory
+  path = demo.run(args.config, args.overrides, memory=memory)
   print(f"report: {path}")
   return 0
 
@@ -85,6 +93,15 @@ def _report(args) -> int:
   from pipelines import demo
 
   print(f"report: {demo.write_report(args.run)}")
+  return 0
+
+
+def _recipes(args) -> int:
+  from pipelines import recipes
+
+  for name in recipes.names():
+    print(f"{name:22s} {recipes.purpose(name)}")
+  print(f"({recipes.recipes_dir()}; run one with: memzoo train NAME [key=value ...])")
   return 0
 
 
@@ -137,8 +154,8 @@ def _import_hf(args) -> int:
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="memzoo", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
-  t = sub.add_parser("train", help="train from a YAML config")
-  t.add_argument("config")
+  t = sub.add_parser("train", help="train from a recipe name or a YAML config")
+  t.add_argument("config", help="a recipe name (memzoo recipes) or a YAML file")
   t.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=60")
   t.set_defaults(fn=_train)
   c = sub.add_parser("check", help="validate a config and print it resolved")
@@ -156,8 +173,10 @@ def parser() -> argparse.ArgumentParser:
   x.add_argument("--factors", default="1,2,4,8,16", help="lengths as multiples of training L")
   x.add_argument(
     "--variants",
-    default="none,ntk,yarn,sinks_window",
-    help="none, linear, ntk, dynamic_ntk, yarn, abf, truncated, window, sinks_window",
+    default=None,
+    help="comma-separated: none, linear, ntk, dynamic_ntk, yarn, abf, truncated (RoPE models), "
+    "window, sinks_window (attention caches); default: those of none,ntk,yarn,sinks_window that "
+    "apply to the run's model",
   )
   x.add_argument("--windows", type=int, default=4, help="held-out windows per length")
   x.add_argument("--passkey-examples", type=int, default=8)
@@ -165,10 +184,17 @@ def parser() -> argparse.ArgumentParser:
   d = sub.add_parser("demo", help="train, evaluate, sample and write a report")
   d.add_argument("config", nargs="?", default=DEFAULT_DEMO)
   d.add_argument("overrides", nargs="*")
+  d.add_argument(
+    "--memory",
+    default="deltanet",
+    help="the recurrent-memory family trained beside the transformer ('none': skip it)",
+  )
   d.set_defaults(fn=_demo)
   r = sub.add_parser("report", help="write RUN/report.md")
   r.add_argument("run")
   r.set_defaults(fn=_report)
+  rc = sub.add_parser("recipes", help="list the recipes that ship with memzoo")
+  rc.set_defaults(fn=_recipes)
   m = sub.add_parser("models", help="list model families")
   m.set_defaults(fn=_models)
   b = sub.add_parser("bench", help="kernel benchmarks")
