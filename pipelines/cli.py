@@ -60,10 +60,13 @@ def _eval(args) -> int:
 def _extrapolate(args) -> int:
   from pipelines import extrapolate
 
-  try:
-    factors = tuple(float(x) for x in args.factors.split(","))
-  except ValueError:
-    raise ValueError(f"--factors must be comma-separated numbers, got {args.factors!r}") from None
+  def numbers(flag, text):
+    try:
+      return tuple(float(x) for x in text.split(","))
+    except ValueError:
+      raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+  factors = numbers("--factors", args.factors)
   variants = tuple(v for v in args.variants.split(",") if v) if args.variants else None
   res = extrapolate.run(
     args.run,
@@ -71,6 +74,8 @@ def _extrapolate(args) -> int:
     variants=variants,
     windows=args.windows,
     passkey_examples=args.passkey_examples,
+    passkey_factors=numbers("--passkey-factors", args.passkey_factors),
+    depths=numbers("--depths", args.depths),
     progress=True,
   )
   for name, v in res["variants"].items():
@@ -180,6 +185,8 @@ def parser() -> argparse.ArgumentParser:
   )
   x.add_argument("--windows", type=int, default=4, help="held-out windows per length")
   x.add_argument("--passkey-examples", type=int, default=8)
+  x.add_argument("--passkey-factors", default="2,4,8", help="passkey lengths as multiples of L")
+  x.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey needle depths")
   x.set_defaults(fn=_extrapolate)
   d = sub.add_parser("demo", help="train, evaluate, sample and write a report")
   d.add_argument("config", nargs="?", default=DEFAULT_DEMO)

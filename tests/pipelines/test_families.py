@@ -46,7 +46,7 @@ TINY = [
 ]
 
 
-def test_every_family_has_a_recipe():
+def test_one_recipe_per_family():
   assert set(RECIPES) == set(zoo.list_models())
 
 
