@@ -1,17 +1,20 @@
 """The ``memzoo`` command line.
 
-memzoo train CONFIG.yaml [key=value ...]    train (resumes from the run's latest checkpoint)
+memzoo train RECIPE [key=value ...]         train (resumes from the run's latest checkpoint)
 memzoo eval RUN [--suite NAME]              held-out perplexity, synthetic tasks, memory grid
 memzoo extrapolate RUN [--factors ...]      loss by position/length, passkey grids, RoPE variants
-memzoo demo [CONFIG.yaml] [key=value ...]   train + evaluate + sample + report
+memzoo demo [RECIPE] [key=value ...]        transformer vs a memory model, extrapolated
 memzoo report RUN                           (re)write RUN/report.md
 memzoo bench attention|memory|model         kernel and model speed/memory tables
 memzoo models                               list registered model families and presets
-memzoo check CONFIG.yaml [key=value ...]    validate a config and print it resolved
+memzoo check RECIPE [key=value ...]         validate a config and print it resolved
+memzoo recipes                              list the shipped recipes and their purpose
 memzoo export RUN --format FMT [--out DIR]  safetensors, hf (Llama/Qwen2/Qwen3) or stablehlo
 memzoo import-hf DIR RUN [key=value ...]    a local HF Llama/Mistral/Qwen2/Qwen3 model as a run
 memzoo generate RUN --prompt TEXT [--max-new-tokens N] [--temperature T] [--seed S]
                 [--method none|streaming|infllm|emllm|duo]   print the decoded continuation
+
+RECIPE is a YAML file or the name of a recipe that ships with the package (transformer_tiny).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from ops.common.dispatch import NotSupportedError
 from pipelines.errors import ConfigError, InputError, UserError
 
-DEFAULT_DEMO = "configs/demo.yaml"
+DEFAULT_DEMO = "demo"
 
 
 def _train(args) -> int:
@@ -85,14 +88,23 @@ def _eval(args) -> int:
 def _extrapolate(args) -> int:
   from pipelines import extrapolate
 
-  factors = tuple(float(x) for x in args.factors.split(","))
-  variants = tuple(args.variants.split(","))
+  def numbers(flag, text):
+    try:
+      return tuple(float(x) for x in text.split(","))
+    except ValueError:
+      raise InputError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+  factors = numbers("--factors", args.factors)
+  variants = tuple(v for v in args.variants.split(",") if v) if args.variants else None
   res = extrapolate.run(
     args.run,
     factors=factors,
     variants=variants,
     windows=args.windows,
     passkey_examples=args.passkey_examples,
+    passkey_factors=numbers("--passkey-factors", args.passkey_factors),
+    depths=numbers("--depths", args.depths),
+    progress=True,
   )
   for name, v in res["variants"].items():
     losses = "  ".join(f"{n}:{p['mean_loss']:.3f}" for n, p in v["perplexity"].items())
@@ -104,7 +116,8 @@ def _extrapolate(args) -> int:
 def _demo(args) -> int:
   from pipelines import demo
 
-  path = demo.run(args.config, args.overrides)
+  memory = None if args.memory == "none" else args.memory
+  path = demo.run(args.config, args.overrides, memory=memory)
   print(f"report: {path}")
   return 0
 
@@ -113,6 +126,15 @@ def _report(args) -> int:
   from pipelines import demo
 
   print(f"report: {demo.write_report(args.run)}")
+  return 0
+
+
+def _recipes(args) -> int:
+  from pipelines import recipes
+
+  for name in recipes.names():
+    print(f"{name:22s} {recipes.purpose(name)}")
+  print(f"({recipes.recipes_dir()}; run one with: memzoo train NAME [key=value ...])")
   return 0
 
 
@@ -182,8 +204,8 @@ def _generate(args) -> int:
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="memzoo", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
-  t = sub.add_parser("train", help="train from a YAML config")
-  t.add_argument("config")
+  t = sub.add_parser("train", help="train from a recipe name or a YAML config")
+  t.add_argument("config", help="a recipe name (memzoo recipes) or a YAML file")
   t.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=60")
   t.set_defaults(fn=_train)
   c = sub.add_parser("check", help="validate a config and print it resolved")
@@ -212,19 +234,30 @@ def parser() -> argparse.ArgumentParser:
   x.add_argument("--factors", default="1,2,4,8,16", help="lengths as multiples of training L")
   x.add_argument(
     "--variants",
-    default="none,ntk,yarn,sinks_window",
-    help="none, linear, ntk, dynamic_ntk, yarn, abf, truncated, window, sinks_window",
+    default=None,
+    help="comma-separated: none, linear, ntk, dynamic_ntk, yarn, abf, truncated (RoPE models), "
+    "window, sinks_window (attention caches); default: those of none,ntk,yarn,sinks_window that "
+    "apply to the run's model",
   )
   x.add_argument("--windows", type=int, default=4, help="held-out windows per length")
   x.add_argument("--passkey-examples", type=int, default=8)
+  x.add_argument("--passkey-factors", default="2,4,8", help="passkey lengths as multiples of L")
+  x.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey needle depths")
   x.set_defaults(fn=_extrapolate)
   d = sub.add_parser("demo", help="train, evaluate, sample and write a report")
   d.add_argument("config", nargs="?", default=DEFAULT_DEMO)
   d.add_argument("overrides", nargs="*")
+  d.add_argument(
+    "--memory",
+    default="deltanet",
+    help="the recurrent-memory family trained beside the transformer ('none': skip it)",
+  )
   d.set_defaults(fn=_demo)
   r = sub.add_parser("report", help="write RUN/report.md")
   r.add_argument("run")
   r.set_defaults(fn=_report)
+  rc = sub.add_parser("recipes", help="list the recipes that ship with memzoo")
+  rc.set_defaults(fn=_recipes)
   m = sub.add_parser("models", help="list model families")
   m.set_defaults(fn=_models)
   b = sub.add_parser("bench", help="kernel benchmarks")

@@ -219,10 +219,17 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Experiment:
-  """Reads, merges overrides into, and validates a YAML experiment file."""
-  path = Path(path)
-  if not path.is_file():
-    raise ConfigError(f"config file not found: {path}")
+  """Reads, merges overrides into, and validates a YAML experiment file.
+
+  ``path`` is a file, or the name of a recipe that ships with the package (``transformer_tiny``;
+  see :mod:`pipelines.recipes`).
+  """
+  from pipelines import recipes
+
+  try:
+    path = recipes.resolve(path)
+  except FileNotFoundError as e:
+    raise ConfigError(str(e)) from None
   try:
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
   except UnicodeDecodeError:

@@ -5,6 +5,13 @@ same parameters without retraining) and each total length from the training leng
 many times it, this measures the loss at every position (held-out text, streamed through the
 model's decode state in chunks, so memory stays bounded) and passkey accuracy on a depth x
 length grid. It writes ``extrapolation.json``, PNG plots and a report section.
+
+Variants apply per family: RoPE scalings only to models with RoPE (``rope_scaling`` in the
+config), cache policies (``window``, ``sinks_window``) only to attention models with a KV cache
+that takes a window and sinks. Every model also gets a state-size readout: the floats its decode
+state holds after each length (a KV cache grows with length, a recurrent memory does not). The
+default variants are those of ``DEFAULT_VARIANTS`` that apply; an explicitly requested variant
+that does not apply is refused before anything is computed.
 """
 
 from __future__ import annotations
@@ -15,13 +22,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 import zoo
+from pipelines import config as config_lib
 from pipelines import plots, report
 from pipelines.data import loader
-from pipelines.errors import InputError
+from pipelines.errors import InputError, MissingFileError
 from pipelines.rundir import atomic_write_text
 from pipelines.streaming import ChunkedRunner
 from pipelines.tasks import evaluate as evaluate_task
@@ -31,7 +41,61 @@ from pipelines.train import load_run
 
 ROPE_VARIANTS = ("linear", "ntk", "dynamic_ntk", "yarn", "abf", "truncated")
 POLICY_VARIANTS = ("window", "sinks_window")
+VARIANTS = ("none", *ROPE_VARIANTS, *POLICY_VARIANTS)
+DEFAULT_VARIANTS = ("none", "ntk", "yarn", "sinks_window")
 SINKS = 4
+
+
+def _fields(cfg: Any) -> set[str]:
+  return {f.name for f in dataclasses.fields(cfg)}
+
+
+def has_rope(cfg: Any) -> bool:
+  """True when the model's positions come from a scalable RoPE."""
+  return "rope_scaling" in _fields(cfg)
+
+
+def has_cache_policy(cfg: Any) -> bool:
+  """True for attention models whose KV cache takes a window and attention sinks (recurrent
+  families have a ``window`` too, for their hybrid attention layers, but no sinks)."""
+  return {"window", "sinks"} <= _fields(cfg)
+
+
+def applicable_variants(cfg: Any) -> tuple[str, ...]:
+  """The variants of :data:`VARIANTS` that apply to a model config, in that order."""
+  return tuple(
+    v
+    for v in VARIANTS
+    if v == "none"
+    or (v in ROPE_VARIANTS and has_rope(cfg))
+    or (v in POLICY_VARIANTS and has_cache_policy(cfg))
+  )
+
+
+def select_variants(cfg: Any, requested: tuple[str, ...] | None = None) -> tuple[str, ...]:
+  """``requested`` checked against the model (ValueError naming the first that does not apply),
+  or, when None, the default variants that apply."""
+  ok = applicable_variants(cfg)
+  if requested is None:
+    return tuple(v for v in DEFAULT_VARIANTS if v in ok)
+  if not requested:
+    raise InputError("no variants requested")
+  for v in requested:
+    if v not in VARIANTS:
+      raise InputError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    if v not in ok:
+      why = "has no RoPE" if v in ROPE_VARIANTS else "has no attention cache with sinks"
+      raise InputError(
+        f"variant {v!r} does not apply to model {cfg.family!r} ({why}); "
+        f"variants that apply: {', '.join(ok)}"
+      )
+  return tuple(dict.fromkeys(requested))
+
+
+def state_floats(model: nnx.Module, length: int) -> int:
+  """Floats in the decode state of one sequence after ``length`` tokens (shapes only)."""
+  shapes = jax.eval_shape(lambda: model.init_state(1, length))
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)))
 
 
 def variant_config(cfg: Any, name: str, train_len: int, max_len: int) -> Any:
@@ -42,12 +106,12 @@ def variant_config(cfg: Any, name: str, train_len: int, max_len: int) -> Any:
   last ``train_len`` keys; ``sinks_window`` also keeps the first four (StreamingLLM).
   """
   factor = max(max_len / train_len, 1.0)
-  fields = {f.name for f in dataclasses.fields(cfg)}
+  fields = _fields(cfg)
   changes: dict[str, Any] = {"max_len": max(getattr(cfg, "max_len", max_len), max_len)}
   if name == "none":
     pass
   elif name in ROPE_VARIANTS:
-    if "rope_scaling" not in fields:
+    if not has_rope(cfg):
       raise InputError(f"model {cfg.family!r} has no RoPE to scale (variant {name!r})")
     from zoo.layers.rope import RopeScaling
 
@@ -56,8 +120,8 @@ def variant_config(cfg: Any, name: str, train_len: int, max_len: int) -> Any:
       kw = {"kind": "abf", "base": cfg.rope_base * 50}
     changes["rope_scaling"] = RopeScaling(**kw)
   elif name in POLICY_VARIANTS:
-    if "window" not in fields:
-      raise InputError(f"model {cfg.family!r} has no attention window (variant {name!r})")
+    if not has_cache_policy(cfg):
+      raise InputError(f"model {cfg.family!r} has no attention cache with sinks ({name!r})")
     sinks = SINKS if name == "sinks_window" else 0
     changes.update(window=train_len - sinks, sinks=sinks)
   else:
@@ -127,19 +191,31 @@ def run(
   run_dir: str | Path,
   *,
   factors: tuple[float, ...] = (1, 2, 4, 8, 16),
-  variants: tuple[str, ...] = ("none", "ntk", "yarn", "sinks_window"),
+  variants: tuple[str, ...] | None = None,
   windows: int = 4,
   depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
   passkey_factors: tuple[float, ...] = (2, 4, 8),
   passkey_examples: int = 8,
+  progress: bool = False,
 ) -> dict[str, Any]:
-  """Runs the extrapolation suite on a run directory; returns what it writes to JSON."""
+  """Runs the extrapolation suite on a run directory; returns what it writes to JSON.
+
+  ``variants=None`` runs the default variants that apply to the run's model; named variants are
+  all checked against the model (and their configs built) before anything is computed.
+  """
   run_dir = Path(run_dir)
-  exp, model, step = load_run(run_dir)
-  tok = load_tokenizer(run_dir)
+  if not (run_dir / "config.yaml").is_file():
+    raise MissingFileError(f"{run_dir} is not a run directory (no config.yaml)")
+  if not factors or min(factors) <= 0:
+    raise InputError(f"factors must be positive, got {factors}")
+  exp = config_lib.load(run_dir / "config.yaml")
   train_len = exp.data.seq_len
   lengths = sorted({int(train_len * f) for f in factors})
   max_len = lengths[-1]
+  variants = select_variants(exp.model, variants)
+  configs = {name: variant_config(exp.model, name, train_len, max_len) for name in variants}
+  exp, model, step = load_run(run_dir)
+  tok = load_tokenizer(run_dir)
   chunk = train_len
   stream = heldout_stream(exp, tok)
   results: dict[str, Any] = {
@@ -148,14 +224,18 @@ def run(
     "train_len": train_len,
     "tokenizer": getattr(tok, "name", "byte"),
     "lengths": lengths,
+    "state_floats": {str(n): state_floats(model, n) for n in lengths},
     "variants": {},
   }
+  bar = tqdm(total=len(variants) * len(lengths), desc="extrapolate", disable=not progress)
   for name in variants:
-    cfg = variant_config(exp.model, name, train_len, max_len)
+    cfg = configs[name]
     vm = with_config(model, cfg)
     per_length = {}
     for n in lengths:
+      bar.set_postfix_str(f"{name} @ {n}")
       losses = position_losses(vm, heldout_windows(stream, n, windows), chunk)
+      bar.update(1)
       per_length[str(n)] = {
         "mean_loss": float(losses.mean()),
         "loss_within_train_len": float(losses[:train_len].mean()),
@@ -172,6 +252,7 @@ def run(
       "perplexity": per_length,
       "passkey": passkey_grid(vm, list(depths), pk_lengths, passkey_examples, chunk, tok),
     }
+  bar.close()
   atomic_write_text(run_dir / "extrapolation.json", json.dumps(results))
   write_report(run_dir, results)
   return results
@@ -194,11 +275,15 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> None:
     for n, p in v["perplexity"].items():
       row[f"loss@{n}"] = p["mean_loss"]
     rows.append(row)
+  state = results.get("state_floats", {})
   body = [
     f"Loss (nats/token) on held-out text by total length; training length "
     f"L={results['train_len']}. Variants reuse the trained weights.",
     "",
     report.markdown_table(rows),
+    "",
+    "Decode state of one sequence after n tokens (floats; a KV cache grows, a recurrent memory "
+    "does not): " + ", ".join(f"n={n}: {f:,}" for n, f in state.items()),
     "",
     f"![loss by position]({loss_png.name})",
     "",

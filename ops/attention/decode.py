@@ -45,7 +45,8 @@ def decode_attention(
     k_cache: ``[B, S, K, D]``, ``H % K == 0``.
     v_cache: ``[B, S, K, D]``.
     lengths: int32 ``[B]`` valid cache entries per sequence, ``0 <= lengths <= S``.
-    mask: Mask or per-head tuple; None means causal (``Mask()``).
+    mask: Mask or per-head tuple; None means no mask (every valid cache entry visible, as in
+      :func:`dot_product_attention`); pass ``Mask()`` for causal queries.
     scale: default ``D ** -0.5``.
     return_lse: also return ``lse [B, T, H]`` float32.
     num_splits: chunks of the key axis computed in parallel and merged by lse.
@@ -55,8 +56,6 @@ def decode_attention(
   Returns:
     ``o [B, T, H, D]`` (q dtype), and ``lse`` with ``return_lse``.
   """
-  if mask is None:
-    mask = Mask()
   masks, _, _, _, _, scale = validate(q, k_cache, v_cache, mask, None, 0, None, (128, 128), scale)
   b, s = q.shape[0], k_cache.shape[1]
   if getattr(lengths, "shape", None) != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):

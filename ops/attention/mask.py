@@ -3,6 +3,12 @@
 Positions are absolute key positions: query row ``i`` sits at ``p = q_offset + i``. Key ``j`` is
 visible to ``p`` iff (``causal`` -> ``j <= p``) and (``window`` w -> ``p - j < w`` or
 ``j < sinks``), or, with ``prefix`` P, both ``p < P`` and ``j < P`` (bidirectional prompt).
+A window bounds how far back a query reaches, so it needs ``causal=True``: a non-causal mask with
+a window is refused (it would bound the past and leave the future unbounded).
+
+``mask=None`` has one meaning at every entry point (``dot_product_attention``,
+``decode_attention``, ``ring_attention``): no mask, every key visible (in decoding, every valid
+cache entry), i.e. ``Mask(causal=False)``. Causal attention is always asked for with ``Mask()``.
 
 The block helpers describe the visible keys of a run of queries as at most two key ranges, a
 *head* ``[0, head)`` (sinks and prefix) and a *band* ``[lo, hi)`` (causal/window), so kernels
@@ -28,7 +34,8 @@ class Mask:
 
   Attributes:
     causal: keys after the query position are hidden.
-    window: if set, keys at distance ``>= window`` behind the query are hidden (sinks excepted).
+    window: if set, keys at distance ``>= window`` behind the query are hidden (sinks excepted);
+      needs ``causal=True``.
     sinks: the first ``sinks`` keys stay visible whatever the window (StreamingLLM).
     prefix: keys and queries before ``prefix`` see each other bidirectionally (prefix-LM).
   """
@@ -43,6 +50,11 @@ class Mask:
       raise ValueError(f"Mask.causal must be a bool, got {self.causal!r}")
     if self.window is not None and (not _is_int(self.window) or self.window < 1):
       raise ValueError(f"Mask.window must be an int >= 1 or None, got {self.window!r}")
+    if self.window is not None and not self.causal:
+      raise ValueError(
+        f"Mask(causal=False, window={self.window}): a window bounds only the past, so it needs "
+        "causal=True (a non-causal window would leave every future key visible)"
+      )
     if not _is_int(self.sinks) or self.sinks < 0:
       raise ValueError(f"Mask.sinks must be an int >= 0, got {self.sinks!r}")
     if not _is_int(self.prefix) or self.prefix < 0:

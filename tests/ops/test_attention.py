@@ -40,7 +40,7 @@ CASES = {
   "per_head": (1, 33, 40, 4, 2, 8, (Mask(), Mask(window=4, sinks=2)), {}),
   "per_query_head": (1, 19, 19, 4, 2, 8, (Mask(), Mask(window=3), Mask(), Mask()), {}),
   "segments": (2, 31, 31, 2, 1, 8, Mask(), {"segments": 3}),
-  "window_noncausal_offset": (1, 17, 40, 2, 1, 8, Mask(causal=False, window=6), {"q_offset": 9}),
+  "window_offset": (1, 17, 40, 2, 1, 8, Mask(window=6), {"q_offset": 9}),
   "block_sparse": (2, 40, 50, 4, 2, 8, Mask(), {"sparse": (8, 16, 3)}),
   "block_sparse_window": (1, 24, 32, 2, 1, 8, Mask(window=9, sinks=1), {"sparse": (8, 8, 2)}),
   "no_visible_rows": (1, 12, 12, 2, 1, 8, Mask(), {"q_offset": -4}),

@@ -14,7 +14,7 @@ def test_visible_pairs_is_exact():
     Mask(),
     Mask(window=7, sinks=3),
     Mask(prefix=11),
-    Mask(causal=False, window=4),
+    Mask(window=4),
   ):
     t, s = 23, 40
     dense = (

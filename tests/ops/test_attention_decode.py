@@ -48,7 +48,7 @@ def test_split_k_matches_dense_reference(dtype, t, mask, splits):
 def test_per_sequence_lengths_equal_truncated_caches():
   q, k, v = _inputs(2, 2, 40, 4, 1, 8, "float32")
   lengths = [40, 13]
-  o = decode_attention(q, k, v, lengths=jnp.array(lengths, jnp.int32), num_splits=6)
+  o = decode_attention(q, k, v, lengths=jnp.array(lengths, jnp.int32), mask=Mask(), num_splits=6)
   for b, n in enumerate(lengths):
     o_b = dot_product_attention(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n], mask=Mask())
     _close(o[b : b + 1], o_b, TOL["float32"])

@@ -267,7 +267,7 @@ PLAN_MASKS = [
   Mask(causal=False),
   Mask(window=7),
   Mask(window=7, sinks=3),
-  Mask(causal=False, window=5, sinks=9),
+  Mask(window=5, sinks=9),
   Mask(prefix=11),
   Mask(window=4, sinks=2, prefix=20),
 ]
