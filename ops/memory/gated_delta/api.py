@@ -7,51 +7,26 @@ implementation live here; the implementations share the signature
 
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ops.common.dispatch import NotSupportedError, dispatch, resolve_interpret
-from ops.memory.gated_delta import reference, xla
+from ops.common.dispatch import Implementation, dispatch, implementations
+from ops.memory.gated_delta import reference
 
 # Decoding calls this once per token: one compiled program instead of op-by-op dispatch.
 _step = jax.jit(reference.recurrent_step, static_argnames=("scale",))
-_DEFAULTS = {"cpu": ("xla",), "gpu": ("pallas_gpu",), "tpu": ("pallas_tpu",)}
 
-
-def _no_segments(name, fn):
-  def run(*args, segment_ids=None, **kwargs):
-    if segment_ids is not None:
-      raise NotSupportedError(f"{name} does not take segment_ids (packed sequences)")
-    return fn(*args, **kwargs)
-
-  return run
-
-
-def _lazy_kernel(module: str):
-  """Imports a Pallas kernel file on first use, so a broken one cannot break this import."""
-
-  def run(*args, segment_ids=None, **kwargs):
-    if segment_ids is not None:
-      raise NotSupportedError(f"{module} does not take segment_ids (packed sequences)")
-    try:
-      mod = importlib.import_module(f"ops.memory.gated_delta.{module}")
-    except Exception as e:  # noqa: BLE001 - a kernel file that fails to import cannot serve
-      raise NotSupportedError(f"cannot import ops.memory.gated_delta.{module}: {e}") from e
-    return mod.chunk_gated_delta_rule(*args, **kwargs)
-
-  return run
-
-
+# Each function takes ``(q, k, v, g, beta, *, scale, initial_state, chunk_size, interpret,
+# segment_ids=None) -> (o, final_state)``; one that cannot reset at segments refuses them.
 IMPLEMENTATIONS = {
-  "xla": xla.chunk_gated_delta_rule,
-  "reference": reference.recurrent_gated_delta_rule,
-  "reference_chunked": _no_segments("reference_chunked", reference.chunk_gated_delta_rule),
-  "pallas_tpu": _lazy_kernel("pallas_tpu"),
-  "pallas_gpu": _lazy_kernel("pallas_gpu"),
+  **implementations(
+    "ops.memory.gated_delta", "chunk_gated_delta_rule", ("xla", "pallas_tpu", "pallas_gpu")
+  ),
+  "reference": Implementation("ops.memory.gated_delta.reference", "recurrent_gated_delta_rule"),
+  "reference_chunked": Implementation("ops.memory.gated_delta.reference", "chunk_gated_delta_rule"),
 }
+DEFAULTS = {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}
 
 
 def _concrete(x):
@@ -151,9 +126,11 @@ def gated_delta_rule(
       segment start (token 0 keeps ``initial_state``), so packed segments equal separate calls.
     prefix_len: JRT-RNN prefix mode (additive writes only): tokens ``t < prefix_len`` read the
       state after the whole prefix, ``S_{prefix_len-1}``; later tokens are causal as usual.
-    implementation: ``None`` (by backend), ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``,
-      ``"reference"``, ``"reference_chunked"``, or a sequence tried in order.
-    interpret: run Pallas kernels in interpret mode (``None``: only on CPU).
+    implementation: ``None`` (by backend, ``DEFAULTS``: the platform's Pallas kernel then
+      ``xla``; each refusal is logged), ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``,
+      ``"reference"``, ``"reference_chunked"`` (a name never falls back), or a sequence tried
+      in order.
+    interpret: run Pallas kernels in interpret mode (``None``: only when lowering for CPU).
 
   Returns:
     ``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``.
@@ -220,11 +197,20 @@ def _run_chunked(
   q, k, v, g, beta = (_pad_time(x, pad) for x in (q, k, v, g, beta))
   segment_ids = _pad_time(segment_ids, pad, mode="edge")
   kwargs = dict(scale=scale, initial_state=initial_state, chunk_size=chunk_size)
-  kwargs["interpret"] = resolve_interpret(interpret)
   if segment_ids is not None:
     kwargs["segment_ids"] = segment_ids
   o, state = dispatch(
-    "gated_delta_rule", IMPLEMENTATIONS, implementation, _DEFAULTS, q, k, v, g, beta, **kwargs
+    "gated_delta_rule",
+    IMPLEMENTATIONS,
+    implementation,
+    DEFAULTS,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    interpret=interpret,
+    **kwargs,
   )
   return o[:, :T], state
 
