@@ -173,7 +173,8 @@ def _note_refusal(op: str, name: str, reason: str, quiet: bool) -> None:
     log.warning("%s: implementation %r refused this call: %s", op, name, reason)
 
 
-def _note_served(op: str, name: str) -> None:
+def note_served(op: str, name: str) -> None:
+  """Adds one call of ``op`` served by ``name`` to the record (for ops that do not dispatch)."""
   with _lock:
     _served[op][name] += 1
 
@@ -349,7 +350,7 @@ def dispatch(
         raise
       reason = f"{type(e).__name__}: {str(e).strip()[:300]}"
     else:
-      _note_served(op, name)
+      note_served(op, name)
       return out
     _note_refusal(op, name, reason, quiet=name == names[-1])
     failures.append(f"{name}: {reason}")

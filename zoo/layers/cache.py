@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 import ops.attention as attn_ops
-from ops.attention.merge import merge_pair
+from ops.attention import merge_pair
 
 Rotate = Callable[[jax.Array, jax.Array], jax.Array]
 

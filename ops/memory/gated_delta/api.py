@@ -81,6 +81,24 @@ def _check_state(state, B, H, K, V, name):
     raise ValueError(f"{name} must be [B,H,K,V]={(B, H, K, V)}, got {state.shape}")
 
 
+def check_inputs(q, k, v, g, beta, initial_state):
+  """Validates the sequence inputs of :func:`gated_delta_rule` (shared with the
+  context-parallel form).
+
+  Returns:
+    ``(B, T, H, K, V)``.
+
+  Raises:
+    ValueError: bad shapes or dtypes, ``g > 0`` or ``beta`` outside [0, 1] (when concrete).
+  """
+  _check_qkv(q, k, v, time_axis=True)
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  _check_gates(g, beta, B, T, H, K)
+  _check_state(initial_state, B, H, K, V, "initial_state")
+  return B, T, H, K, V
+
+
 def _pad_time(x, pad, mode="constant"):
   if x is None or pad == 0:
     return x
@@ -140,11 +158,7 @@ def gated_delta_rule(
       concrete), ``chunk_size`` not a power of two, or an ill-defined prefix request.
     NotSupportedError: the chosen implementation cannot serve the call.
   """
-  _check_qkv(q, k, v, time_axis=True)
-  B, T, H, K = q.shape
-  V = v.shape[-1]
-  _check_gates(g, beta, B, T, H, K)
-  _check_state(initial_state, B, H, K, V, "initial_state")
+  B, T, H, K, V = check_inputs(q, k, v, g, beta, initial_state)
   if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
     raise ValueError(f"chunk_size must be a power of two, got {chunk_size!r}")
   if segment_ids is not None:
