@@ -51,6 +51,10 @@ SIMULATED_BACKENDS = ("gpu", "tpu")
 
 log = logging.getLogger("ops.dispatch")
 
+# Starts the reason of a refusal that was an error (a crash or a lowering failure), not a
+# limit the implementation declares with NotSupportedError.
+FAILED = "failed: "
+
 
 class NotSupportedError(ValueError):
   """An implementation cannot serve this call (shape, dtype, mask or platform)."""
@@ -274,7 +278,9 @@ def _check_lowering(op: str, name: str, impl: Implementation, fn, args, kwargs):
     except Exception as e:  # noqa: BLE001 - a lowering/compile failure of the kernel
       what = "compile" if on_device else "lower"
       first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-      _trials[key] = f"does not {what} for {impl.platform}: {type(e).__name__}: {first[:300]}"
+      _trials[key] = (
+        f"{FAILED}does not {what} for {impl.platform}: {type(e).__name__}: {first[:300]}"
+      )
   if _trials[key] is not None:
     raise NotSupportedError(_trials[key])
 
@@ -348,7 +354,7 @@ def dispatch(
     except Exception as e:  # a kernel's tracing failure is a refusal; plain JAX errors are bugs
       if single or impl.platform is None:
         raise
-      reason = f"{type(e).__name__}: {str(e).strip()[:300]}"
+      reason = f"{FAILED}{type(e).__name__}: {str(e).strip()[:300]}"
     else:
       note_served(op, name)
       return out
