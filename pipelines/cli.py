@@ -6,6 +6,7 @@ memzoo extrapolate RUN [--factors ...]      loss by position/length, passkey gri
 memzoo demo [CONFIG.yaml] [key=value ...]   train + evaluate + sample + report
 memzoo report RUN                           (re)write RUN/report.md
 memzoo bench attention|memory|model         kernel and model speed/memory tables
+memzoo doctor [--only NAME] [--out FILE]    check and time every kernel on this backend
 memzoo models                               list registered model families and presets
 memzoo check CONFIG.yaml [key=value ...]    validate a config and print it resolved
 memzoo export RUN --format FMT [--out DIR]  safetensors, hf (Llama directory) or stablehlo
@@ -114,6 +115,13 @@ def _bench(args) -> int:
   return 0
 
 
+def _doctor(args) -> int:
+  from pipelines import doctor
+
+  argv = (["--only", args.only] if args.only else []) + (["--out", args.out] if args.out else [])
+  return doctor.main(argv)
+
+
 def _export(args) -> int:
   from pipelines import export
 
@@ -169,6 +177,10 @@ def parser() -> argparse.ArgumentParser:
   r = sub.add_parser("report", help="write RUN/report.md")
   r.add_argument("run")
   r.set_defaults(fn=_report)
+  d = sub.add_parser("doctor", help="compile, check and time every kernel on this backend")
+  d.add_argument("--only", default=None, help="run the checks whose name contains this")
+  d.add_argument("--out", default=None, help="also write the markdown table to this file")
+  d.set_defaults(fn=_doctor)
   m = sub.add_parser("models", help="list model families")
   m.set_defaults(fn=_models)
   b = sub.add_parser("bench", help="kernel benchmarks")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import functools
 import math
 from collections.abc import Sequence
 
@@ -89,8 +91,37 @@ def dot_product_attention(
     block_size=block_size,
     scale=scale,
     interpret=interpret,
+    flops=forward_flops,
   )
   return (o, lse) if return_lse else o
+
+
+def forward_flops(q, k, v, *, masks, q_offset, block_indices, block_size, **_) -> float:
+  """Matmul FLOPs of the forward: ``2 (D + Dv)`` per visible (query, key) pair and head.
+
+  Pairs hidden by the masks are not work (the kernels skip those blocks); packed segments
+  are not known while tracing and count as visible. With ``block_indices``, at most the listed
+  blocks' pairs count.
+  """
+  b, t, h, d = q.shape
+  s, dv = k.shape[1], v.shape[-1]
+  offset = int(q_offset) if isinstance(q_offset, (int, np.integer)) else s - t
+  pairs = 0
+  for mask, heads in collections.Counter(masks).items():
+    pairs += heads * _visible_pairs(mask, offset, t, s)
+  if block_indices is not None:
+    nq, listed = block_indices.shape[2], block_indices.shape[3]
+    pairs = min(pairs, h * nq * listed * block_size[0] * block_size[1])
+  return 2.0 * b * (d + dv) * pairs
+
+
+@functools.cache
+def _visible_pairs(mask: Mask, offset: int, t: int, s: int) -> int:
+  total = 0
+  for p in range(offset, offset + t):
+    head, lo, hi = mask.key_ranges(p, p + 1, s)
+    total += head + max(hi - lo, 0)
+  return total
 
 
 def validate(q, k, v, mask, segment_ids, q_offset, block_indices, block_size, scale):

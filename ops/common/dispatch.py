@@ -33,6 +33,7 @@ what refused), which the train loop writes to the run directory.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -184,6 +185,34 @@ def note_served(op: str, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# FLOP marks: a model's FLOPs read from its jaxpr need each op's count, since a Pallas call's
+# work is invisible to XLA's cost analysis and a blockwise XLA op's masked blocks are not work.
+
+FLOPS_MARK = "ops_flops__"
+_marking = threading.local()
+
+
+@contextlib.contextmanager
+def marking_flops():
+  """While active, each dispatched call runs inside a ``jax.jit`` named
+  ``ops_flops__<op>__<forward FLOPs>`` (see ``pipelines.flops``)."""
+  previous = getattr(_marking, "on", False)
+  _marking.on = True
+  try:
+    yield
+  finally:
+    _marking.on = previous
+
+
+def _marked(op: str, flops: Callable[..., float] | None, args, kwargs, run: Callable[[], Any]):
+  if flops is None or not getattr(_marking, "on", False):
+    return run()
+  count = int(flops(*args, **kwargs))
+  run.__name__ = f"{FLOPS_MARK}{op}__{count}"
+  return jax.jit(run)()
+
+
+# ---------------------------------------------------------------------------------------------
 # Running one implementation.
 
 
@@ -306,6 +335,7 @@ def dispatch(
   defaults: Mapping[str, Sequence[str]],
   *args: Any,
   interpret: Any = None,
+  flops: Callable[..., float] | None = None,
   **kwargs: Any,
 ) -> Any:
   """Runs ``op`` with the chosen implementation and records which one served.
@@ -318,6 +348,7 @@ def dispatch(
     *args: passed through.
     interpret: None (follow the platform lowered for), True/False, or a Pallas interpret
       parameter object; plain JAX implementations ignore it.
+    flops: ``(*args, **kwargs) -> forward FLOPs`` of the call, for :func:`marking_flops`.
     **kwargs: passed through.
 
   Raises:
@@ -346,7 +377,8 @@ def dispatch(
       fn = impl.load()
       if interpret is None:
         _check_lowering(op, name, impl, fn, args, kwargs)
-      out = _run(impl, fn, args, kwargs, interpret)
+      run = lambda impl=impl, fn=fn: _run(impl, fn, args, kwargs, interpret)
+      out = _marked(op, flops, args, kwargs, run)
     except NotSupportedError as e:
       if single:
         raise NotSupportedError(f"{op}: implementation {name!r} cannot serve this call: {e}") from e

@@ -224,9 +224,25 @@ def _run_chunked(
     g,
     beta,
     interpret=interpret,
+    flops=forward_flops,
     **kwargs,
   )
   return o[:, :T], state
+
+
+def forward_flops(q, k, v, g, beta, *, chunk_size, **_) -> float:
+  """Matmul FLOPs of the chunked forward (per token, chunk ``C``).
+
+  ``q k^T`` and ``k k^T`` (``4 C K``), the triangular solve applied to ``[K | V]``
+  (``2 C (K + V)``, delta rule only), the intra-chunk read (``2 C V``) and the three state
+  products ``S^T q``, ``S^T w`` and ``k^T u`` (``6 K V``).
+  """
+  b, t, h, kd = q.shape
+  vd, c = v.shape[-1], chunk_size
+  per_token = 4 * c * kd + 2 * c * vd + 6 * kd * vd
+  if beta is not None:
+    per_token += 2 * c * (kd + vd)
+  return float(b * t * h * per_token)
 
 
 def gated_delta_rule_step(q, k, v, *, g=None, beta=None, scale: float | None = None, state):

@@ -365,8 +365,24 @@ def neural_memory(
     residual=residual,
     self_targets=self_targets,
     interpret=interpret,
+    flops=forward_flops,
   )
   return y.astype(v.dtype), final
+
+
+def forward_flops(q, k, v, theta, eta, alpha, gamma, state, *, chunk_size, window, **_) -> float:
+  """Matmul FLOPs of the chunked forward, per token and weight matrix ``[m, n]``.
+
+  The gradient at ``M0`` (a forward and a backward product, ``4 m n``), the read through
+  ``M`` and ``U`` (``4 m n``) and the chunk's correction terms (``2 C (m + n)``), the window's
+  tokens each adding the gradient's ``4 m n``.
+  """
+  b, t, h, _ = q.shape
+  per_token = 0
+  for w in state["weights"].values():
+    m, n = w.shape[-2:]
+    per_token += 4 * m * n * window + 4 * m * n + 2 * chunk_size * (m + n)
+  return float(b * t * h * per_token)
 
 
 def neural_memory_step(
