@@ -309,7 +309,7 @@ def run_checks(
           row.update(
             status="pass" if ok else "FAIL",
             err_out=err_out,
-            err_grad=err_grad if tol["grad"] is not None else None,
+            err_grad=err_grad if tol["grad"] is not None else "",
             tol=f"{tol['out']:g}/{tol['grad']:g}" if tol["grad"] is not None else f"{tol['out']:g}",
           )
         if timed and impl != "reference":
