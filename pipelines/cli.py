@@ -6,6 +6,7 @@ memzoo extrapolate RUN [--factors ...]      loss by position/length, passkey gri
 memzoo demo [RECIPE] [key=value ...]        transformer vs a memory model, extrapolated
 memzoo report RUN                           (re)write RUN/report.md
 memzoo bench attention|memory|model         kernel and model speed/memory tables
+memzoo doctor [--only NAME] [--out FILE]    check and time every kernel on this backend
 memzoo models                               list registered model families and presets
 memzoo check RECIPE [key=value ...]         validate a config and print it resolved
 memzoo recipes                              list the shipped recipes and their purpose
@@ -161,6 +162,13 @@ def _bench(args) -> int:
   return 0
 
 
+def _doctor(args) -> int:
+  from pipelines import doctor
+
+  argv = (["--only", args.only] if args.only else []) + (["--out", args.out] if args.out else [])
+  return doctor.main(argv)
+
+
 def _export(args) -> int:
   from pipelines import export
 
@@ -258,6 +266,10 @@ def parser() -> argparse.ArgumentParser:
   r.set_defaults(fn=_report)
   rc = sub.add_parser("recipes", help="list the recipes that ship with memzoo")
   rc.set_defaults(fn=_recipes)
+  d = sub.add_parser("doctor", help="compile, check and time every kernel on this backend")
+  d.add_argument("--only", default=None, help="run the checks whose name contains this")
+  d.add_argument("--out", default=None, help="also write the markdown table to this file")
+  d.set_defaults(fn=_doctor)
   m = sub.add_parser("models", help="list model families")
   m.set_defaults(fn=_models)
   b = sub.add_parser("bench", help="kernel benchmarks")

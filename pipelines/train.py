@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+import ops.common
 import zoo
 from pipelines import config as config_lib
 from pipelines import rundir, sharding
@@ -163,6 +164,16 @@ def evaluate_loss(
   return {"loss": loss, "bits_per_byte": total / math.log(2) / max(nbytes, 1.0)}
 
 
+IMPLEMENTATIONS_FILE = "implementations.json"
+
+
+def write_implementations(run_dir: Path) -> None:
+  """Writes which implementation served each op (and what refused) to the run directory."""
+  if jax.process_index() == 0:
+    record = {"backend": ops.common.backend(), "ops": ops.common.served()}
+    (Path(run_dir) / IMPLEMENTATIONS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def train(
   exp: config_lib.Experiment,
   *,
@@ -282,10 +293,14 @@ def _train(exp: config_lib.Experiment, run_dir: Path, on_step) -> TrainResult:
   # Token and skip counts stay on device between log steps: no host sync per step. Only
   # on_nonfinite=stop reads the finite flag every step, to stop at the step that failed.
   last_time, last_tokens, skipped = time.perf_counter(), jnp.zeros(()), jnp.zeros((), jnp.int32)
+  # The ops record what served them while the steps are traced.
+  ops.common.reset_served()
   try:
     for step in range(start + 1, cfg.steps + 1):
       batch = next(it)
       params, opt_state, m = train_step(params, opt_state, put(batch))
+      if step == start + 1:
+        write_implementations(run_dir)
       if cfg.on_nonfinite == "stop" and not bool(m["finite"]):
         raise NonFiniteLossError(
           f"non-finite loss, gradient or update at step {step} (loss={float(m['loss'])}, "
@@ -334,6 +349,7 @@ def _train(exp: config_lib.Experiment, run_dir: Path, on_step) -> TrainResult:
     bar.close()
     ckpt.close()
     metrics_out.close()
+  write_implementations(run_dir)  # now with the evaluation step's ops too
   return TrainResult(cfg.steps, params, graphdef, history, run_dir)
 
 

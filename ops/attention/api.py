@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
+import collections
+import functools
 import math
 from collections.abc import Sequence
 
@@ -11,28 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from ops.attention.mask import Mask, normalize_masks
-from ops.common import NotSupportedError, dispatch, resolve_interpret
+from ops.common.dispatch import dispatch, implementations
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
+# Each module exposes ``attention(q, k, v, *, masks, segment_ids, q_offset, block_indices,
+# block_size, scale, interpret) -> (o, lse)``.
+IMPLEMENTATIONS = implementations(
+  "ops.attention", "attention", ("reference", "xla", "pallas_tpu", "pallas_gpu")
+)
 DEFAULTS = {"tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla"), "cpu": ("xla",)}
-
-
-def _lazy(module: str):
-  """Imports ``ops.attention.<module>`` on call, so a broken kernel file only breaks itself."""
-
-  def attention(*args, **kwargs):
-    try:
-      mod = importlib.import_module(f"ops.attention.{module}")
-    except ImportError as e:  # a missing platform dependency: that path cannot serve the call
-      raise NotSupportedError(f"cannot import ops.attention.{module}: {e}") from e
-    return mod.attention(*args, **kwargs)
-
-  attention.__name__ = f"{module}_attention"
-  return attention
-
-
-IMPLEMENTATIONS = {name: _lazy(name) for name in ("reference", "xla", "pallas_tpu", "pallas_gpu")}
 
 
 def dot_product_attention(
@@ -69,10 +58,12 @@ def dot_product_attention(
     block_size: ``(bq, bk)`` that ``block_indices`` refers to.
     scale: multiplies ``q . k``; default ``D ** -0.5``.
     return_lse: also return the log-sum-exp of the scores.
-    implementation: None (by backend: tpu -> pallas_tpu, gpu -> pallas_gpu then xla,
-      cpu -> xla), a name (``reference``, ``xla``, ``pallas_tpu``, ``pallas_gpu``), or a
-      sequence of names tried in order.
-    interpret: run Pallas kernels in interpret mode; None -> only on CPU.
+    implementation: None (by backend, ``DEFAULTS``: tpu -> pallas_tpu then xla, gpu ->
+      pallas_gpu then xla, cpu -> xla; each refusal is logged), a name (``reference``,
+      ``xla``, ``pallas_tpu``, ``pallas_gpu``: never falls back), or a sequence of names
+      tried in order.
+    interpret: run Pallas kernels in interpret mode; None -> interpret only when lowering
+      for CPU (see :mod:`ops.common.dispatch`).
 
   Returns:
     ``o [B, T, H, D]`` in q's dtype, and with ``return_lse`` also ``lse [B, T, H]`` float32.
@@ -99,9 +90,38 @@ def dot_product_attention(
     block_indices=block_indices,
     block_size=block_size,
     scale=scale,
-    interpret=resolve_interpret(interpret),
+    interpret=interpret,
+    flops=forward_flops,
   )
   return (o, lse) if return_lse else o
+
+
+def forward_flops(q, k, v, *, masks, q_offset, block_indices, block_size, **_) -> float:
+  """Matmul FLOPs of the forward: ``2 (D + Dv)`` per visible (query, key) pair and head.
+
+  Pairs hidden by the masks are not work (the kernels skip those blocks); packed segments
+  are not known while tracing and count as visible. With ``block_indices``, at most the listed
+  blocks' pairs count.
+  """
+  b, t, h, d = q.shape
+  s, dv = k.shape[1], v.shape[-1]
+  offset = int(q_offset) if isinstance(q_offset, (int, np.integer)) else s - t
+  pairs = 0
+  for mask, heads in collections.Counter(masks).items():
+    pairs += heads * _visible_pairs(mask, offset, t, s)
+  if block_indices is not None:
+    nq, listed = block_indices.shape[2], block_indices.shape[3]
+    pairs = min(pairs, h * nq * listed * block_size[0] * block_size[1])
+  return 2.0 * b * (d + dv) * pairs
+
+
+@functools.cache
+def _visible_pairs(mask: Mask, offset: int, t: int, s: int) -> int:
+  total = 0
+  for p in range(offset, offset + t):
+    head, lo, hi = mask.key_ranges(p, p + 1, s)
+    total += head + max(hi - lo, 0)
+  return total
 
 
 def validate(q, k, v, mask, segment_ids, q_offset, block_indices, block_size, scale):

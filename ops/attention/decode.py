@@ -17,9 +17,16 @@ from ops.attention import reference
 from ops.attention.api import validate
 from ops.attention.mask import Mask
 from ops.attention.merge import merge
-from ops.common import dispatch
+from ops.common.dispatch import Implementation, dispatch
 
 DEFAULT_NUM_SPLITS = 16
+
+# No Pallas decode kernel: both implementations are plain JAX, ``xla`` on every backend.
+IMPLEMENTATIONS = {
+  "xla": Implementation("ops.attention.decode", "split_k"),
+  "reference": Implementation("ops.attention.decode", "dense"),
+}
+DEFAULTS = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
 
 
 def decode_attention(
@@ -51,7 +58,7 @@ def decode_attention(
     return_lse: also return ``lse [B, T, H]`` float32.
     num_splits: chunks of the key axis computed in parallel and merged by lse.
     implementation: ``"xla"`` (split-K, the default) or ``"reference"`` (dense).
-    interpret: accepted for symmetry with :func:`dot_product_attention`; unused.
+    interpret: accepted for symmetry with :func:`dot_product_attention`; unused (no kernel).
 
   Returns:
     ``o [B, T, H, D]`` (q dtype), and ``lse`` with ``return_lse``.
@@ -71,12 +78,11 @@ def decode_attention(
       )
   if not isinstance(num_splits, int) or num_splits < 1:
     raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-  del interpret  # no Pallas decode kernel: both implementations are plain JAX
   o, lse = dispatch(
     "decode_attention",
-    {"xla": split_k, "reference": dense},
+    IMPLEMENTATIONS,
     implementation,
-    {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    DEFAULTS,
     q,
     k_cache,
     v_cache,
@@ -84,6 +90,7 @@ def decode_attention(
     masks=masks,
     scale=scale,
     num_splits=num_splits,
+    interpret=interpret,
   )
   return (o, lse) if return_lse else o
 
@@ -93,9 +100,9 @@ def _valid_keys(lengths, s):
   return jnp.where(jnp.arange(s)[None, :] < lengths[:, None], 0, -1).astype(jnp.int32)
 
 
-def dense(q, k, v, lengths, *, masks, scale, num_splits):
+def dense(q, k, v, lengths, *, masks, scale, num_splits, interpret=False):
   """The reference: dense attention with per-sequence offsets and a validity segment."""
-  del num_splits
+  del num_splits, interpret
   t, s = q.shape[1], k.shape[1]
   seg_kv = _valid_keys(lengths, s)
   seg_q = jnp.zeros((q.shape[0], t), jnp.int32)
@@ -112,12 +119,15 @@ def dense(q, k, v, lengths, *, masks, scale, num_splits):
   )
 
 
-def split_k(q, k, v, lengths, *, masks, scale, num_splits):
+def split_k(q, k, v, lengths, *, masks, scale, num_splits, interpret=False):
   """Split-K decode: ``num_splits`` key chunks attended in parallel, merged by lse.
+
+  ``interpret`` is unused (no kernel).
 
   Returns:
     ``(o [B, T, H, D], lse [B, T, H])``.
   """
+  del interpret
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
   g = h // kh

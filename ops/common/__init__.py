@@ -1,5 +1,29 @@
-"""Helpers shared by every op: implementation dispatch and input validation."""
+"""Helpers shared by every op: implementation dispatch and the record of what served."""
 
-from ops.common.dispatch import NotSupportedError, dispatch, resolve_interpret
+from ops.common.dispatch import (
+  SIMULATE_ENV,
+  Implementation,
+  NotSupportedError,
+  backend,
+  dispatch,
+  implementations,
+  marking_flops,
+  note_served,
+  reset_served,
+  served,
+  simulated_backend,
+)
 
-__all__ = ["NotSupportedError", "dispatch", "resolve_interpret"]
+__all__ = [
+  "SIMULATE_ENV",
+  "Implementation",
+  "NotSupportedError",
+  "backend",
+  "dispatch",
+  "implementations",
+  "marking_flops",
+  "note_served",
+  "reset_served",
+  "served",
+  "simulated_backend",
+]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ops.attention import Mask, api, dot_product_attention, reference, xla
+from ops.attention import Mask, dot_product_attention, reference, xla
 from ops.attention.mask import normalize_masks
 from ops.common import NotSupportedError
 
@@ -368,7 +368,9 @@ def test_broken_kernel_module_cannot_break_the_api(monkeypatch):
       raise ImportError("simulated broken kernel file")
     return real(name, *args)
 
-  monkeypatch.setattr(api.importlib, "import_module", fake)
+  # The one lazy loader of every op lives in ops.common.dispatch.
+  loader = importlib.import_module("ops.common.dispatch")
+  monkeypatch.setattr(loader.importlib, "import_module", fake)
   q, k, v, kw = make_inputs("causal_gqa", "float32")
   with pytest.raises(NotSupportedError, match="simulated broken kernel file"):
     dot_product_attention(q, k, v, **kw, implementation="pallas_gpu")

@@ -121,7 +121,7 @@ def spy(monkeypatch, name):
 @pytest.mark.parametrize("model", list(MODELS))
 def test_context_step_matches_one_device(model, mesh, reference, monkeypatch):
   attention = model in ("transformer", "primer")
-  kernel = "ring_attention" if attention else "gated_delta_rule_sharded"
+  kernel = "ring_attention" if attention else "gated_delta_rule_context_parallel"
   calls = spy(monkeypatch, kernel)
   loss, params, hlo = one_step(model, MESHES[mesh])
   assert calls and all(m.shape["context"] == 4 for m in calls), f"{kernel} was not used"
@@ -196,7 +196,7 @@ def test_prefix_memory_refuses_a_context_mesh():
 
 
 def test_without_a_mesh_the_layers_call_the_plain_ops(monkeypatch):
-  calls = spy(monkeypatch, "gated_delta_rule_sharded")
+  calls = spy(monkeypatch, "gated_delta_rule_context_parallel")
   q = jnp.ones((1, 8, 2, 4)) * 0.1
   o, _ = parallel.gated_delta_rule(q, q, q, beta=jnp.full((1, 8, 2), 0.5))
   assert o.shape == (1, 8, 2, 4) and not calls

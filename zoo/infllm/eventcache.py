@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from ops.attention.merge import merge_pair
+from ops.attention import merge_pair
 from zoo.infllm import events
 from zoo.infllm.store import get_store, retrieve
 from zoo.layers.cache import SinkCache, attend_dense, write_prefix

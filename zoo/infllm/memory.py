@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 import ops.attention as attn_ops
-from ops.attention.merge import merge_pair
+from ops.attention import merge_pair
 from zoo.layers.cache import SinkCache, attend_dense, write_prefix
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import ops.attention as attn_ops
-from ops.attention.merge import merge
+from ops.attention import merge
 from zoo.interface import ZooModel
 from zoo.landmark.config import LandmarkConfig
 from zoo.layers.cache import attend_dense, forward_blocks, step_blocks

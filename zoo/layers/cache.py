@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import ops.attention as attn_ops
-from ops.attention.merge import merge_pair
+from ops.attention import merge_pair
 from zoo.layers import remat
 
 Rotate = Callable[[jax.Array, jax.Array], jax.Array]

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import ops.memory.neural as nm
-from ops.memory.neural.common import apply_feature_map, mlp_apply
+from ops.memory.neural import apply_feature_map, mlp_apply
 from zoo.layers.params import fan_in, param
 
 

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec
 
 import ops.attention as attn_ops
 import ops.memory as mem_ops
-from ops.memory.gated_delta.sharded import gated_delta_rule_sharded
+from ops.memory import gated_delta_rule_context_parallel
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
 
@@ -194,7 +194,13 @@ def attention(
 
   def ring(q, k, v, segment_ids):
     return attn_ops.ring_attention(
-      q, k, v, mesh=jax.sharding.get_abstract_mesh(), mask=mask, segment_ids=segment_ids
+      q,
+      k,
+      v,
+      mesh=jax.sharding.get_abstract_mesh(),
+      mask=mask,
+      segment_ids=segment_ids,
+      implementation=implementation,
     )
 
   if not manual:
@@ -212,9 +218,9 @@ def attention(
 def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any):
   """``ops.memory.gated_delta_rule``; sequence-parallel over ``context`` when the mesh splits it.
 
-  Under a context mesh, ``gated_delta_rule_sharded`` runs each device's slice of the sequence
-  and passes the memory state between slices; batch rows stay on ``data``/``fsdp`` and heads
-  on ``tensor`` where those divide them.
+  Under a context mesh, ``gated_delta_rule_context_parallel`` runs each device's slice of the
+  sequence and passes the memory state between slices; batch rows stay on ``data``/``fsdp``
+  and heads on ``tensor`` where those divide them.
 
   Args:
     q: ``[B,T,H,K]``.
@@ -241,7 +247,7 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any):
     )
   batch = _local_axes(mesh, "batch", b)
   heads = _local_axes(mesh, "heads", h)
-  return gated_delta_rule_sharded(
+  return gated_delta_rule_context_parallel(
     q,
     k,
     v,

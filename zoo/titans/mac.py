@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import ops.attention as attn_ops
-from ops.attention.merge import merge_pair
+from ops.attention import merge_pair
 from zoo.layers.attention import Attention
 from zoo.layers.mlp import SwiGLU
 from zoo.layers.norms import RMSNorm

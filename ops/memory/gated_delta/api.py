@@ -7,51 +7,26 @@ implementation live here; the implementations share the signature
 
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ops.common.dispatch import NotSupportedError, dispatch, resolve_interpret
-from ops.memory.gated_delta import reference, xla
+from ops.common.dispatch import Implementation, dispatch, implementations
+from ops.memory.gated_delta import reference
 
 # Decoding calls this once per token: one compiled program instead of op-by-op dispatch.
 _step = jax.jit(reference.recurrent_step, static_argnames=("scale",))
-_DEFAULTS = {"cpu": ("xla",), "gpu": ("pallas_gpu",), "tpu": ("pallas_tpu",)}
 
-
-def _no_segments(name, fn):
-  def run(*args, segment_ids=None, **kwargs):
-    if segment_ids is not None:
-      raise NotSupportedError(f"{name} does not take segment_ids (packed sequences)")
-    return fn(*args, **kwargs)
-
-  return run
-
-
-def _lazy_kernel(module: str):
-  """Imports a Pallas kernel file on first use, so a broken one cannot break this import."""
-
-  def run(*args, segment_ids=None, **kwargs):
-    if segment_ids is not None:
-      raise NotSupportedError(f"{module} does not take segment_ids (packed sequences)")
-    try:
-      mod = importlib.import_module(f"ops.memory.gated_delta.{module}")
-    except Exception as e:  # noqa: BLE001 - a kernel file that fails to import cannot serve
-      raise NotSupportedError(f"cannot import ops.memory.gated_delta.{module}: {e}") from e
-    return mod.chunk_gated_delta_rule(*args, **kwargs)
-
-  return run
-
-
+# Each function takes ``(q, k, v, g, beta, *, scale, initial_state, chunk_size, interpret,
+# segment_ids=None) -> (o, final_state)``; one that cannot reset at segments refuses them.
 IMPLEMENTATIONS = {
-  "xla": xla.chunk_gated_delta_rule,
-  "reference": reference.recurrent_gated_delta_rule,
-  "reference_chunked": _no_segments("reference_chunked", reference.chunk_gated_delta_rule),
-  "pallas_tpu": _lazy_kernel("pallas_tpu"),
-  "pallas_gpu": _lazy_kernel("pallas_gpu"),
+  **implementations(
+    "ops.memory.gated_delta", "chunk_gated_delta_rule", ("xla", "pallas_tpu", "pallas_gpu")
+  ),
+  "reference": Implementation("ops.memory.gated_delta.reference", "recurrent_gated_delta_rule"),
+  "reference_chunked": Implementation("ops.memory.gated_delta.reference", "chunk_gated_delta_rule"),
 }
+DEFAULTS = {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}
 
 
 def _concrete(x):
@@ -106,6 +81,24 @@ def _check_state(state, B, H, K, V, name):
     raise ValueError(f"{name} must be [B,H,K,V]={(B, H, K, V)}, got {state.shape}")
 
 
+def check_inputs(q, k, v, g, beta, initial_state):
+  """Validates the sequence inputs of :func:`gated_delta_rule` (shared with the
+  context-parallel form).
+
+  Returns:
+    ``(B, T, H, K, V)``.
+
+  Raises:
+    ValueError: bad shapes or dtypes, ``g > 0`` or ``beta`` outside [0, 1] (when concrete).
+  """
+  _check_qkv(q, k, v, time_axis=True)
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  _check_gates(g, beta, B, T, H, K)
+  _check_state(initial_state, B, H, K, V, "initial_state")
+  return B, T, H, K, V
+
+
 def _pad_time(x, pad, mode="constant"):
   if x is None or pad == 0:
     return x
@@ -151,9 +144,11 @@ def gated_delta_rule(
       segment start (token 0 keeps ``initial_state``), so packed segments equal separate calls.
     prefix_len: JRT-RNN prefix mode (additive writes only): tokens ``t < prefix_len`` read the
       state after the whole prefix, ``S_{prefix_len-1}``; later tokens are causal as usual.
-    implementation: ``None`` (by backend), ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``,
-      ``"reference"``, ``"reference_chunked"``, or a sequence tried in order.
-    interpret: run Pallas kernels in interpret mode (``None``: only on CPU).
+    implementation: ``None`` (by backend, ``DEFAULTS``: the platform's Pallas kernel then
+      ``xla``; each refusal is logged), ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``,
+      ``"reference"``, ``"reference_chunked"`` (a name never falls back), or a sequence tried
+      in order.
+    interpret: run Pallas kernels in interpret mode (``None``: only when lowering for CPU).
 
   Returns:
     ``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``.
@@ -163,11 +158,7 @@ def gated_delta_rule(
       concrete), ``chunk_size`` not a power of two, or an ill-defined prefix request.
     NotSupportedError: the chosen implementation cannot serve the call.
   """
-  _check_qkv(q, k, v, time_axis=True)
-  B, T, H, K = q.shape
-  V = v.shape[-1]
-  _check_gates(g, beta, B, T, H, K)
-  _check_state(initial_state, B, H, K, V, "initial_state")
+  B, T, H, K, V = check_inputs(q, k, v, g, beta, initial_state)
   if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
     raise ValueError(f"chunk_size must be a power of two, got {chunk_size!r}")
   if segment_ids is not None:
@@ -220,13 +211,38 @@ def _run_chunked(
   q, k, v, g, beta = (_pad_time(x, pad) for x in (q, k, v, g, beta))
   segment_ids = _pad_time(segment_ids, pad, mode="edge")
   kwargs = dict(scale=scale, initial_state=initial_state, chunk_size=chunk_size)
-  kwargs["interpret"] = resolve_interpret(interpret)
   if segment_ids is not None:
     kwargs["segment_ids"] = segment_ids
   o, state = dispatch(
-    "gated_delta_rule", IMPLEMENTATIONS, implementation, _DEFAULTS, q, k, v, g, beta, **kwargs
+    "gated_delta_rule",
+    IMPLEMENTATIONS,
+    implementation,
+    DEFAULTS,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    interpret=interpret,
+    flops=forward_flops,
+    **kwargs,
   )
   return o[:, :T], state
+
+
+def forward_flops(q, k, v, g, beta, *, chunk_size, **_) -> float:
+  """Matmul FLOPs of the chunked forward (per token, chunk ``C``).
+
+  ``q k^T`` and ``k k^T`` (``4 C K``), the triangular solve applied to ``[K | V]``
+  (``2 C (K + V)``, delta rule only), the intra-chunk read (``2 C V``) and the three state
+  products ``S^T q``, ``S^T w`` and ``k^T u`` (``6 K V``).
+  """
+  b, t, h, kd = q.shape
+  vd, c = v.shape[-1], chunk_size
+  per_token = 4 * c * kd + 2 * c * vd + 6 * kd * vd
+  if beta is not None:
+    per_token += 2 * c * (kd + vd)
+  return float(b * t * h * per_token)
 
 
 def gated_delta_rule_step(q, k, v, *, g=None, beta=None, scale: float | None = None, state):

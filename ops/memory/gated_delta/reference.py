@@ -17,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ops.common.dispatch import NotSupportedError
+
 
 def recurrent_step(state, q, k, v, g, beta, *, scale):
   """One token of the recurrence.
@@ -131,8 +133,9 @@ def chunk_gated_delta_rule(
   initial_state,
   chunk_size: int,
   interpret: bool | None = None,
+  segment_ids=None,
 ):
-  """The chunked math in plain ``jnp`` (what the kernels compute).
+  """The chunked math in plain ``jnp`` (what the kernels compute); no segment resets.
 
   Within a chunk of ``C`` tokens with cumulative log decay ``G`` (per key channel), the
   pseudo-values ``U = T^-1 diag(beta) (V - (exp(G) * K) S0)`` with ``T = I + A``,
@@ -149,11 +152,17 @@ def chunk_gated_delta_rule(
     initial_state: ``None`` or ``[B,H,K,V]`` float32.
     chunk_size: ``C``; T is padded to a multiple of it here (padding leaves the state as is).
     interpret: unused; kept for the shared signature.
+    segment_ids: must be None (this form has no segment resets).
 
   Returns:
     ``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32)``.
+
+  Raises:
+    NotSupportedError: ``segment_ids`` given.
   """
   del interpret
+  if segment_ids is not None:
+    raise NotSupportedError("reference_chunked does not take segment_ids (packed sequences)")
   B, T, H, K = q.shape
   V = v.shape[-1]
   C = chunk_size

@@ -24,7 +24,6 @@ width, and ``window_v`` holds ``phi(v)`` (``[B,H,c-1,F]``).
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import jax
@@ -32,39 +31,18 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ops.common.dispatch import NotSupportedError, dispatch, resolve_interpret
-from ops.memory.neural import common, reference, xla
+from ops.common.dispatch import dispatch, implementations
+from ops.memory.neural import common, reference
 from ops.memory.neural.common import feature_dim
 
-
-def _no_interpret(fn):
-  def run(*args, interpret, **kwargs):
-    del interpret
-    return fn(*args, **kwargs)
-
-  return run
-
-
-def _lazy_kernel(module: str):
-  """Imports a Pallas kernel file on first use, so a broken one cannot break this import."""
-
-  def run(*args, **kwargs):
-    try:
-      mod = importlib.import_module(f"ops.memory.neural.{module}")
-    except Exception as e:  # noqa: BLE001 - a kernel file that fails to import cannot serve
-      raise NotSupportedError(f"cannot import ops.memory.neural.{module}: {e}") from e
-    return mod.neural_memory_pallas(*args, **kwargs)
-
-  return run
-
-
-_IMPLEMENTATIONS = {
-  "reference": _no_interpret(reference.neural_memory_reference),
-  "xla": _no_interpret(xla.neural_memory_xla),
-  "pallas_tpu": _lazy_kernel("pallas_tpu"),
-  "pallas_gpu": _lazy_kernel("pallas_gpu"),
-}
-_DEFAULTS = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
+# Each module exposes ``neural_memory(q, k, v, theta, eta, alpha, gamma, state, *, chunk_size,
+# offset, window, objective, optimizer, ns_steps, activation, residual, self_targets,
+# interpret) -> (y, final_state)`` on feature-mapped float32 inputs.
+IMPLEMENTATIONS = implementations(
+  "ops.memory.neural", "neural_memory", ("reference", "xla", "pallas_tpu", "pallas_gpu")
+)
+# The kernels cover the Titans configuration; xla serves the rest (Muon, windows, "dot", ...).
+DEFAULTS = {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")}
 _STATE_KEYS = (
   "weights",
   "momentum",
@@ -338,11 +316,12 @@ def neural_memory(
       chunk-start weights ``M0`` as the gradient (``M_{t-1}`` at chunk_size 1; window tokens
       of an earlier chunk included) and is a constant of the inner gradient; the outer
       gradient flows through it into ``M0`` and ``v``.
-    implementation: "reference", "xla", "pallas_tpu", "pallas_gpu", a sequence of them
-      (tried in order), or None (by backend). The Pallas kernels cover the Titans
+    implementation: "reference", "xla", "pallas_tpu", "pallas_gpu" (a name never falls
+      back), a sequence of them (tried in order), or None (by backend, ``DEFAULTS``: the
+      platform's kernel then xla, each refusal logged). The Pallas kernels cover the Titans
       configuration (l2 objective, momentum optimiser, omega_window=1, chunk_size >= 8, a
       static position, no self_targets) and raise ``NotSupportedError`` otherwise.
-    interpret: run Pallas kernels in interpret mode (None: only on CPU).
+    interpret: run Pallas kernels in interpret mode (None: only when lowering for CPU).
 
   Returns:
     ``(y [B,T,H,V] in v's dtype, state)``; the state dict continues the sequence when passed
@@ -371,9 +350,9 @@ def neural_memory(
   offset = int(position) % chunk_size if _is_concrete(position) else None
   y, final = dispatch(
     "neural_memory",
-    _IMPLEMENTATIONS,
+    IMPLEMENTATIONS,
     implementation,
-    _DEFAULTS,
+    DEFAULTS,
     *inputs,
     state,
     chunk_size=chunk_size,
@@ -385,9 +364,25 @@ def neural_memory(
     activation=activation,
     residual=residual,
     self_targets=self_targets,
-    interpret=resolve_interpret(interpret),
+    interpret=interpret,
+    flops=forward_flops,
   )
   return y.astype(v.dtype), final
+
+
+def forward_flops(q, k, v, theta, eta, alpha, gamma, state, *, chunk_size, window, **_) -> float:
+  """Matmul FLOPs of the chunked forward, per token and weight matrix ``[m, n]``.
+
+  The gradient at ``M0`` (a forward and a backward product, ``4 m n``), the read through
+  ``M`` and ``U`` (``4 m n``) and the chunk's correction terms (``2 C (m + n)``), the window's
+  tokens each adding the gradient's ``4 m n``.
+  """
+  b, t, h, _ = q.shape
+  per_token = 0
+  for w in state["weights"].values():
+    m, n = w.shape[-2:]
+    per_token += 4 * m * n * window + 4 * m * n + 2 * chunk_size * (m + n)
+  return float(b * t * h * per_token)
 
 
 def neural_memory_step(

@@ -288,7 +288,7 @@ def neural_memory_pallas(
   interpret=False,
   platform,
 ):
-  """Neural memory with the Pallas forward kernel; same contract as ``xla.neural_memory_xla``.
+  """Neural memory with the Pallas forward kernel; same contract as ``xla.neural_memory``.
 
   Args:
     q, k: [B,T,H,F] feature-mapped float32.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ops.memory.neural import pallas_common
 
 
-def neural_memory_pallas(q, k, v, theta, eta, alpha, gamma, state, *, chunk_size, **config):
+def neural_memory(q, k, v, theta, eta, alpha, gamma, state, *, chunk_size, **config):
   """Neural memory with the Pallas forward kernel for tpu.
 
   Args:

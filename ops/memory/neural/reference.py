@@ -114,8 +114,10 @@ def step(state, q, k, v, theta, eta, alpha, gamma, *, chunk_size, **config):
   return y, new_state
 
 
-def neural_memory_reference(q, k, v, theta, eta, alpha, gamma, state, *, chunk_size, **config):
-  """Token-by-token scan of ``step``.
+def neural_memory(
+  q, k, v, theta, eta, alpha, gamma, state, *, chunk_size, interpret=False, **config
+):
+  """Token-by-token scan of ``step`` (``interpret`` is unused: no kernel).
 
   Args:
     q, k: [B,T,H,F] feature-mapped float32.
@@ -130,6 +132,7 @@ def neural_memory_reference(q, k, v, theta, eta, alpha, gamma, state, *, chunk_s
   Returns:
     ``(y [B,T,H,V] float32, final_state)``.
   """
+  del interpret
   config.pop("offset", None)
 
   def body(carry, token):

@@ -162,10 +162,10 @@ def _chunk(
   return (new_weights, new_momentum, new_weights), y
 
 
-def neural_memory_xla(
-  q, k, v, theta, eta, alpha, gamma, state, *, chunk_size, offset=None, **config
+def neural_memory(
+  q, k, v, theta, eta, alpha, gamma, state, *, chunk_size, offset=None, interpret=False, **config
 ):
-  """Chunked neural memory; same contract as ``reference.neural_memory_reference``.
+  """Chunked neural memory; same contract as ``reference.neural_memory``.
 
   The sequence is laid on a chunk grid that starts ``o = position % chunk_size`` tokens before
   the first token (``offset``: ``o`` when it is known statically, else None and it is read
@@ -180,11 +180,13 @@ def neural_memory_xla(
     state: the state dict at the first token.
     chunk_size: tokens per chunk C.
     offset: static ``position % chunk_size`` or None.
+    interpret: unused (no kernel).
     **config: window, objective, optimizer, ns_steps, activation, residual, self_targets.
 
   Returns:
     ``(y [B,T,H,V] float32, final_state)``.
   """
+  del interpret
   batch, length, heads, _ = q.shape
   size, window = chunk_size, config["window"]
   o = state["position"] % size if offset is None else offset

@@ -1,4 +1,4 @@
-"""Sequence-parallel gated delta rule: time sharded over a ``context`` mesh axis.
+"""Context-parallel gated delta rule: time sharded over a ``context`` mesh axis.
 
 A shard's tokens map its incoming state affinely, ``S_out = A S_in + Bm`` with ``A [K,K]``
 (the product of the per-token ``(I - beta k k^T) diag(exp(g))``) and ``Bm [K,V]`` (what the
@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ops.memory.gated_delta.api import _check_gates, _check_qkv, _check_state, gated_delta_rule
+from ops.memory.gated_delta.api import check_inputs, gated_delta_rule
 
 
-def gated_delta_rule_sharded(
+def gated_delta_rule_context_parallel(
   q,
   k,
   v,
@@ -55,17 +55,14 @@ def gated_delta_rule_sharded(
     axis_name: the mesh axis that splits time.
     batch_axis: optional mesh axis that splits B.
     head_axis: optional mesh axis that splits H.
-    implementation: local implementation, as in ``gated_delta_rule``.
+    implementation: the per-shard implementation, as in ``gated_delta_rule`` (None: by
+      backend, with fallback).
     interpret: as in ``gated_delta_rule``.
 
   Returns:
     ``(o [B,T,H,V] in v.dtype, final_state [B,H,K,V] float32 or None)``.
   """
-  _check_qkv(q, k, v, time_axis=True)
-  B, T, H, K = q.shape
-  V = v.shape[-1]
-  _check_gates(g, beta, B, T, H, K)
-  _check_state(initial_state, B, H, K, V, "initial_state")
+  B, T, H, K, V = check_inputs(q, k, v, g, beta, initial_state)
   if axis_name not in mesh.shape:
     raise ValueError(f"mesh has no axis {axis_name!r}; its axes are {tuple(mesh.shape)}")
   n = mesh.shape[axis_name]

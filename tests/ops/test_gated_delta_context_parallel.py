@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ops.memory import gated_delta_rule_context_parallel
 from ops.memory.gated_delta.api import gated_delta_rule
-from ops.memory.gated_delta.sharded import gated_delta_rule_sharded
 from tests.ops.test_gated_delta import make_inputs
 
 # Same f32 sums as the unsharded chunked op, grouped by shard: tight (atol, rtol).
@@ -52,7 +52,7 @@ def test_sharded_equals_unsharded_values_and_grads(mesh, gate, beta, init, segme
       **kw,
     )
 
-  sharded = lambda args: call(gated_delta_rule_sharded, args, mesh=mesh, batch_axis="data")
+  sharded = lambda args: call(gated_delta_rule_context_parallel, args, mesh=mesh, batch_axis="data")
   plain = lambda args: call(gated_delta_rule, args)
   args = [x[n] for n in names]
   o, s = jax.jit(sharded)(args)
@@ -70,7 +70,7 @@ def test_sharded_equals_unsharded_values_and_grads(mesh, gate, beta, init, segme
 def test_sharded_rejects_uneven_time(mesh):
   x = make_inputs(2, 30, 2, 8, 4, seed=12)
   with pytest.raises(ValueError, match="divide evenly"):
-    gated_delta_rule_sharded(x["q"], x["k"], x["v"], mesh=mesh)
+    gated_delta_rule_context_parallel(x["q"], x["k"], x["v"], mesh=mesh)
 
 
 def test_sharded_on_explicit_mesh():
@@ -83,7 +83,7 @@ def test_sharded_on_explicit_mesh():
   kw = dict(g=x["g"], initial_state=x["s0"], output_final_state=True, chunk_size=8)
   with jax.set_mesh(mesh):
     o, s = jax.jit(
-      lambda q, k, v: gated_delta_rule_sharded(q, k, v, mesh=mesh, batch_axis="data", **kw)
+      lambda q, k, v: gated_delta_rule_context_parallel(q, k, v, mesh=mesh, batch_axis="data", **kw)
     )(x["q"], x["k"], x["v"])
   o_ref, s_ref = gated_delta_rule(x["q"], x["k"], x["v"], **kw)
   _close(o, o_ref, "out")

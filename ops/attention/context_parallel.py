@@ -1,4 +1,5 @@
-"""Ring attention: sequence sharded over a ``context`` mesh axis, K/V passed around the ring.
+"""Context-parallel attention (ring attention): the sequence sharded over a ``context`` mesh
+axis, K/V passed around the ring.
 
 Each of the N devices holds a slice of the queries and of the keys/values. In N steps every
 device attends its queries to the K/V slice it currently holds (blockwise, skipping masked
@@ -28,6 +29,7 @@ from ops.attention import xla
 from ops.attention.api import validate
 from ops.attention.mask import Mask
 from ops.attention.merge import merge_pair
+from ops.common.dispatch import NotSupportedError, note_served
 
 
 def ring_attention(
@@ -44,6 +46,8 @@ def ring_attention(
   load_balance: bool = True,
   block_q: int | None = None,
   block_k: int | None = None,
+  implementation: str | Sequence[str] | None = None,
+  interpret: bool | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Self-attention with the sequence axis sharded over ``mesh.shape[axis_name]`` devices.
 
@@ -60,11 +64,25 @@ def ring_attention(
     load_balance: zig-zag layout (chunks i and 2N-1-i on device i) so causal work is even.
     block_q: query tile inside each device (default ``min(local T, 256)``).
     block_k: key tile (default ``min(local T, 512)``).
+    implementation: the per-step kernel. Each ring step runs the blockwise ``"xla"`` kernel, so
+      None or a choice that includes ``"xla"`` is served; any other choice raises
+      :class:`NotSupportedError` (never silently replaced).
+    interpret: accepted for the shared signature; unused (no Pallas kernel per step).
 
   Returns:
     ``o [B, T, H, D]`` (q dtype) and, with ``return_lse``, ``lse [B, T, H]`` float32; equal to
     unsharded attention.
+
+  Raises:
+    NotSupportedError: an ``implementation`` without ``"xla"``.
   """
+  del interpret
+  names = (implementation,) if isinstance(implementation, str) else tuple(implementation or ())
+  if names and "xla" not in names:
+    raise NotSupportedError(
+      f"ring_attention: implementation={implementation!r} cannot serve a context mesh: each "
+      "ring step runs the blockwise 'xla' kernel (choose None or include 'xla')"
+    )
   masks, segment_ids, _, _, _, scale = validate(
     q, k, v, mask, segment_ids, 0, None, (128, 128), scale
   )
@@ -129,6 +147,7 @@ def ring_attention(
       for x, spec in zip(args, specs)
     ]
   o, lse = sharded(*args)
+  note_served("ring_attention", "xla")
   o, lse = from_ring(o), from_ring(lse)
   return (o, lse) if return_lse else o
 
