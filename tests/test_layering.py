@@ -27,9 +27,20 @@ def modules() -> dict[str, Path]:
   return {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
 
 
+def exported_names(path: Path) -> set[str]:
+  """Names a package's ``__init__.py`` binds at its top level (imports and definitions)."""
+  names: set[str] = set()
+  for node in ast.parse(path.read_text(), str(path)).body:
+    if isinstance(node, ast.ImportFrom | ast.Import):
+      names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+      names.add(node.name)
+  return names
+
+
 def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
   """First-party modules ``path`` imports (``from a import b`` counts ``a.b`` when it is a
-  module, else ``a``)."""
+  module that ``a/__init__.py`` does not re-export under that name, else ``a``)."""
   is_pkg = path.name == "__init__.py"
   out: set[str] = set()
   for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -41,7 +52,12 @@ def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
         anchor = name.split(".") if is_pkg else name.split(".")[:-1]
         anchor = anchor[: len(anchor) - (node.level - 1)]
         base = ".".join([*anchor, base] if base else anchor)
-      targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+      init = ROOT / base.replace(".", "/") / "__init__.py"
+      exported = exported_names(init) if init.is_file() else set()
+      targets = [
+        f"{base}.{a.name}" if f"{base}.{a.name}" in known and a.name not in exported else base
+        for a in node.names
+      ]
     else:
       continue
     out.update(t for t in targets if t.split(".")[0] in PACKAGES)
