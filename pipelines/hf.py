@@ -37,13 +37,13 @@ from flax import nnx
 from pipelines import config as config_lib
 from pipelines import tokenizers
 from pipelines.errors import InputError, MissingFileError, UnsupportedModelError
-from pipelines.export import (
+from pipelines.rundir import atomic_write_text
+from pipelines.safetensors_io import (
   CHECKSUMS,
   CorruptFileError,
   flat_params,
   verify_checksums,
 )
-from pipelines.rundir import atomic_write_text
 
 ARCHITECTURES = {
   "LlamaForCausalLM": "llama",

@@ -10,7 +10,7 @@ import pytest
 
 import zoo
 from pipelines import config as config_lib
-from pipelines import export
+from pipelines import export, safetensors_io
 from pipelines.cli import main as cli_main
 from pipelines.train import train
 
@@ -56,7 +56,7 @@ def test_safetensors_round_trip_without_orbax(tmp_path, model_and_exp):
   export.save_safetensors(model, exp, tmp_path, step=7)
   exp2, model2, step = export.load_safetensors(tmp_path)
   assert step == 7 and exp2.model == exp.model
-  a, b = export.flat_params(model), export.flat_params(model2)
+  a, b = safetensors_io.flat_params(model), safetensors_io.flat_params(model2)
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -76,11 +76,11 @@ def test_corrupt_safetensors_is_refused(tmp_path, model_and_exp):
     export.load_safetensors(tmp_path)
   # Without the checksum to catch it, the truncation itself is reported.
   meta = json.loads((tmp_path / "config.json").read_text())
-  meta["sha256"] = export.sha256(path)
+  meta["sha256"] = safetensors_io.sha256(path)
   (tmp_path / "config.json").write_text(json.dumps(meta))
   with pytest.raises(export.CorruptFileError, match="SHA-256 does not match checksums.json"):
     export.load_safetensors(tmp_path)
-  export.write_checksums(tmp_path)
+  safetensors_io.write_checksums(tmp_path)
   with pytest.raises(export.CorruptFileError, match="truncated"):
     export.load_safetensors(tmp_path)
 
@@ -88,7 +88,7 @@ def test_corrupt_safetensors_is_refused(tmp_path, model_and_exp):
 def test_stablehlo_forward_and_decode_match_live_model(tmp_path, model_and_exp):
   _, model = model_and_exp
   paths = export.export_stablehlo(model, tmp_path, batch=2, seq_len=8, max_len=16)
-  weights = {k: jnp.asarray(v) for k, v in export.flat_params(model).items()}
+  weights = {k: jnp.asarray(v) for k, v in safetensors_io.flat_params(model).items()}
   fwd = export.load_stablehlo(paths["forward"])
   x = tokens(0, (2, 8))
   np.testing.assert_allclose(

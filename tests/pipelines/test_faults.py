@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pipelines import config as config_lib
-from pipelines import export
+from pipelines import export, safetensors_io
 from pipelines.checkpoint import Checkpointer, abstract
 from pipelines.cli import main as cli_main
 from pipelines.metrics import MetricsWriter, read
@@ -189,9 +189,9 @@ def test_exported_file_with_nan_bytes_is_refused(tmp_path, trained_run):
     export.load_safetensors(out)
   # Even with every checksum rewritten to vouch for it, NaN weights are refused.
   meta = json.loads((out / "config.json").read_text())
-  meta["sha256"] = export.sha256(path)
+  meta["sha256"] = safetensors_io.sha256(path)
   (out / "config.json").write_text(json.dumps(meta))
-  export.write_checksums(out)
+  safetensors_io.write_checksums(out)
   with pytest.raises(export.CorruptFileError, match="non-finite"):
     export.load_safetensors(out)
 

@@ -14,7 +14,8 @@ import pytest
 import zoo
 from pipelines import hf
 from pipelines.cli import main as cli_main
-from pipelines.export import CorruptFileError, flat_params
+from pipelines.errors import CorruptFileError
+from pipelines.safetensors_io import flat_params
 from pipelines.train import load_run
 
 torch = pytest.importorskip("torch")
