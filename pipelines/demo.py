@@ -21,9 +21,10 @@ from pipelines import evaluate, extrapolate, plots, report
 from pipelines.errors import InputError
 from pipelines.generate import generate
 from pipelines.metrics import read
+from pipelines.run import load_run
 from pipelines.rundir import atomic_write_text
 from pipelines.tokenizers import load_tokenizer
-from pipelines.train import load_run, train
+from pipelines.train import train
 
 MEMORY_FAMILY = "deltanet"  # the strongest recurrent memory per float in the MQAR table
 FACTORS = (1, 2, 4)

@@ -22,12 +22,12 @@ import numpy as np
 
 from pipelines import evaluate, memories, report
 from pipelines.errors import InputError
+from pipelines.run import load_run
 from pipelines.rundir import atomic_write_text
 from pipelines.streaming import ChunkedRunner
 from pipelines.tasks import evaluate as evaluate_task
 from pipelines.tasks import get as get_task
 from pipelines.tokenizers import load_tokenizer
-from pipelines.train import load_run
 
 SUITES = ("heldout", "synthetic", "all", "memory")
 MEMORY_TASKS = ("passkey", "needle_single")

@@ -75,7 +75,7 @@ def load_safetensors(directory: str | Path) -> tuple[config_lib.Experiment, nnx.
   Raises:
     CorruptFileError: checksum mismatch, truncated file, or tensors that do not fit the config.
   """
-  from pipelines.train import build_model
+  from pipelines.run import build_model
 
   directory = Path(directory)
   verify_checksums(directory)
@@ -171,7 +171,7 @@ def load_stablehlo(path: str | Path) -> jax.export.Exported:
 def export(run: str | Path, fmt: str, out: str | Path | None = None, **kwargs: Any) -> Path:
   """``memzoo export``: writes ``fmt`` of the run's latest checkpoint to ``out`` (default
   ``RUN/export/<fmt>``); returns the directory."""
-  from pipelines.train import load_run
+  from pipelines.run import load_run
 
   if fmt not in FORMATS:
     raise InputError(f"unknown export format {fmt!r}; use one of {FORMATS}")

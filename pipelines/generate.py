@@ -115,8 +115,8 @@ def generate_text(
   ``max_new_tokens`` tokens or at the tokenizer's EOS.
   """
   from pipelines import memories
+  from pipelines.run import load_run
   from pipelines.tokenizers import load_tokenizer
-  from pipelines.train import load_run
 
   if temperature < 0:
     raise InputError(f"--temperature must be >= 0, got {temperature}")

@@ -741,7 +741,7 @@ def import_hf(
   """
   from pipelines import sharding
   from pipelines.checkpoint import Checkpointer
-  from pipelines.train import build_model
+  from pipelines.run import build_model
 
   directory, run_dir = Path(directory), Path(run_dir)
   # Refused before any weight is read: importing would overwrite a trained run's step 0.

@@ -95,7 +95,7 @@ def create_sharded(build: Callable[[], tuple[Any, nnx.State, Any]], mesh: Mesh):
   created. ``rest`` (non-parameter state; empty for the zoo's models) comes out replicated.
 
   Args:
-    build: builds the model and splits it (e.g. ``lambda: train.build_model(exp)``); it is
+    build: builds the model and splits it (e.g. ``lambda: run.build_model(exp)``); it is
       traced, so it must be a pure function of its closure.
     mesh: the device mesh.
 

@@ -28,11 +28,11 @@ from pipelines import config as config_lib
 from pipelines import rundir, sharding
 from pipelines.checkpoint import Checkpointer, abstract
 from pipelines.data import loader
-from pipelines.errors import MissingFileError, NonFiniteLossError
+from pipelines.errors import NonFiniteLossError
 from pipelines.metrics import MetricsWriter
 from pipelines.optim import optimizer, schedule
+from pipelines.run import build_model
 from pipelines.tokenizers import load_tokenizer
-from zoo import interface
 from zoo.layers import remat
 
 log = logging.getLogger(__name__)
@@ -45,19 +45,6 @@ class TrainResult:
   graphdef: Any
   history: list[dict[str, Any]]
   run_dir: Path
-
-
-def build_model(
-  exp: config_lib.Experiment, compute_dtype: str | None = None, remat_policy: str | None = None
-):
-  """The model of an experiment with the train compute dtype and remat policy applied (the model
-  contract, ``zoo.interface``); returns (graphdef, params, rest) where ``params`` is the
-  ``nnx.Param`` state."""
-  cfg = interface.with_compute_dtype(exp.model, compute_dtype)
-  model = zoo.build(cfg, rngs=nnx.Rngs(exp.seed))
-  interface.set_remat(model, remat_policy)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return graphdef, params, rest
 
 
 def loss_fn(graphdef, params, rest, batch):
@@ -361,22 +348,3 @@ class _NoMetrics:
 
   def close(self) -> None:
     pass
-
-
-def load_run(run_dir: str | Path, step: int | None = None):
-  """(experiment, model with trained parameters, step) of a run directory."""
-  run_dir = Path(run_dir)
-  exp = config_lib.load(run_dir / "config.yaml")
-  graphdef, params, rest = build_model(exp)
-  ckpt = Checkpointer(run_dir, async_save=False)
-  try:
-    if ckpt.latest_step() is None:
-      raise MissingFileError(f"{run_dir} has no checkpoint")
-    target = {"params": params}
-    if ckpt.has_optimizer(step):
-      target["opt"] = optimizer(exp.train).init(params)
-    s, state, _, _ = ckpt.restore(abstract(target), step)
-  finally:
-    ckpt.close()
-  model = nnx.merge(graphdef, state["params"], rest)
-  return exp, model, s

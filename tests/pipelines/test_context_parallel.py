@@ -14,7 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from pipelines import config as config_lib
 from pipelines import sharding
-from pipelines.train import build_model, make_train_step
+from pipelines.run import build_model
+from pipelines.train import make_train_step
 from zoo.layers import parallel
 from zoo.layers.attention import Attention
 

@@ -96,9 +96,9 @@ def test_eval_suite_table(run_dir):
   # Every scored row is the task scored directly with the run's model (the reference path:
   # the same task, seed and examples through a fresh streaming runner).
   from pipelines.extrapolate import heldout_stream
+  from pipelines.run import load_run
   from pipelines.tasks import evaluate as evaluate_task
   from pipelines.tasks import get as get_task
-  from pipelines.train import load_run
 
   exp, model, _ = load_run(run_dir)
   runner = ChunkedRunner(model, exp.data.seq_len)

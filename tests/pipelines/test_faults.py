@@ -20,9 +20,11 @@ from pipelines import config as config_lib
 from pipelines import export, safetensors_io
 from pipelines.checkpoint import Checkpointer, abstract
 from pipelines.cli import main as cli_main
+from pipelines.errors import NonFiniteLossError
 from pipelines.metrics import MetricsWriter, read
 from pipelines.optim import optimizer
-from pipelines.train import NonFiniteLossError, build_model, train
+from pipelines.run import build_model
+from pipelines.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
 

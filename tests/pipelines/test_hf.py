@@ -15,8 +15,8 @@ import zoo
 from pipelines import hf
 from pipelines.cli import main as cli_main
 from pipelines.errors import CorruptFileError
+from pipelines.run import load_run
 from pipelines.safetensors_io import flat_params
-from pipelines.train import load_run
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -697,7 +697,7 @@ def test_bfloat16_import_keeps_dtype_places_on_mesh_and_writes_no_optimizer(tmp_
 
   from pipelines import sharding
   from pipelines.checkpoint import Checkpointer
-  from pipelines.train import build_model
+  from pipelines.run import build_model
 
   ref, directory = save_hf(tmp_path, "qwen2", name="bf16")
   ref.to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)

@@ -39,7 +39,7 @@ def test_memory_grid_runs_with_the_model_tokenizer(tmp_path, capsys):
     params = {"corpus": corpus} if c["task"] == "needle_single" else {}
     if c["task"] == "needle_single" and corpus is None:
       from pipelines.extrapolate import heldout_stream
-      from pipelines.train import load_run
+      from pipelines.run import load_run
 
       corpus = heldout_stream(load_run(run)[0], tok)
       params = {"corpus": corpus}

@@ -14,7 +14,8 @@ import yaml
 
 from pipelines import config as config_lib
 from pipelines.metrics import read
-from pipelines.train import load_run, train
+from pipelines.run import load_run
+from pipelines.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
 LR = 1e-2

@@ -10,7 +10,8 @@ import pytest
 
 from pipelines import config as config_lib
 from pipelines.optim import optimizer
-from pipelines.train import build_model, make_train_step
+from pipelines.run import build_model
+from pipelines.train import make_train_step
 
 MODELS = {
   "transformer": {"preset": "tiny", "d_model": 64, "n_layers": 3, "n_heads": 4, "d_ff": 256},

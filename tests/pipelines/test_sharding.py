@@ -12,7 +12,8 @@ from pipelines import config as config_lib
 from pipelines import sharding
 from pipelines.checkpoint import Checkpointer, abstract
 from pipelines.optim import optimizer
-from pipelines.train import build_model, make_train_step
+from pipelines.run import build_model
+from pipelines.train import make_train_step
 
 # float32 everywhere; sharded matmuls and reductions sum in a different order than one device.
 # Parameters are compared after an SGD step: Adam's first step is lr * g / |g|, which turns

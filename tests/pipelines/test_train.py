@@ -9,8 +9,10 @@ import pytest
 
 from pipelines import config as config_lib
 from pipelines.checkpoint import Checkpointer
+from pipelines.errors import NonFiniteLossError
 from pipelines.metrics import read
-from pipelines.train import NonFiniteLossError, load_run, train
+from pipelines.run import load_run
+from pipelines.train import train
 
 BASE = {
   "model": {
