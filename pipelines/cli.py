@@ -34,7 +34,7 @@ DEFAULT_DEMO = "demo"
 
 def _train(args) -> int:
   from pipelines import config as config_lib
-  from pipelines.train import train
+  from pipelines.train.loop import train
 
   exp = config_lib.load(args.config, args.overrides)
   result = train(exp)
@@ -54,11 +54,11 @@ def _check(args) -> int:
 
 
 def _eval(args) -> int:
-  from pipelines import eval_suite
+  from pipelines.evaluation import suite as eval_suite
 
   memory = {}
   if args.suite == "memory":
-    from pipelines import memories
+    from pipelines.evaluation import memories
 
     methods = tuple(m for m in args.methods.split(",") if m)
     bad = [m for m in methods if m not in memories.METHODS]
@@ -87,7 +87,7 @@ def _eval(args) -> int:
 
 
 def _extrapolate(args) -> int:
-  from pipelines import extrapolate
+  from pipelines.evaluation import extrapolate
 
   def numbers(flag, text):
     try:
@@ -150,11 +150,11 @@ def _models(args) -> int:
 
 def _bench(args) -> int:
   if args.what == "attention":
-    from pipelines import bench_attention as bench
+    from pipelines.bench import attention as bench
   elif args.what == "memory":
-    from pipelines import bench_memory as bench
+    from pipelines.bench import memory as bench
   elif args.what == "model":
-    from pipelines import bench_model as bench
+    from pipelines.bench import model as bench
   else:
     raise ConfigError(f"unknown benchmark {args.what!r}")
   rows = bench.run_cli(args.rest)
@@ -163,14 +163,14 @@ def _bench(args) -> int:
 
 
 def _doctor(args) -> int:
-  from pipelines import doctor
+  from pipelines.bench import doctor
 
   argv = (["--only", args.only] if args.only else []) + (["--out", args.out] if args.out else [])
   return doctor.main(argv)
 
 
 def _export(args) -> int:
-  from pipelines import export
+  from pipelines.interchange import export
 
   out = export.export(args.run, args.format, args.out)
   print(f"wrote {args.format} export of {args.run} to {out}")
@@ -178,7 +178,7 @@ def _export(args) -> int:
 
 
 def _import_hf(args) -> int:
-  from pipelines import hf
+  from pipelines.interchange import hf
 
   rest = list(args.rest)
   run = args.run or (rest.pop(0) if rest and "=" not in rest[0] else None)
@@ -195,7 +195,7 @@ def _import_hf(args) -> int:
 
 
 def _generate(args) -> int:
-  from pipelines.generate import generate_text
+  from pipelines.evaluation.generate import generate_text
 
   out = generate_text(
     args.run,

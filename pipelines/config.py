@@ -39,7 +39,8 @@ class DataConfig:
     num_workers: grain worker processes (0 = in-process).
     tokenizer: ``byte`` (the built-in byte-level tokenizer) or a path to a ``tokenizer.json``,
       ``tokenizer.model`` or a directory holding one, relative to the run directory unless
-      absolute (``memzoo import-hf`` sets it to the model's own); see ``pipelines.tokenizers``.
+      absolute (``memzoo import-hf`` sets it to the model's own); see
+      ``pipelines.data.hf_tokenizer``.
   """
 
   source: Literal["stdlib", "text", "jsonl"] = "stdlib"

@@ -17,14 +17,16 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pipelines import config as config_lib
-from pipelines import evaluate, extrapolate, plots, report
+from pipelines import plots, report
+from pipelines.data.hf_tokenizer import load_tokenizer
 from pipelines.errors import InputError
-from pipelines.generate import generate
-from pipelines.metrics import read
+from pipelines.evaluation import extrapolate
+from pipelines.evaluation import heldout as evaluate
+from pipelines.evaluation.generate import generate
 from pipelines.run import load_run
 from pipelines.rundir import atomic_write_text
-from pipelines.tokenizers import load_tokenizer
-from pipelines.train import train
+from pipelines.train.loop import train
+from pipelines.train.metrics import read
 
 MEMORY_FAMILY = "deltanet"  # the strongest recurrent memory per float in the MQAR table
 FACTORS = (1, 2, 4)

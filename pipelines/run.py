@@ -9,9 +9,9 @@ from flax import nnx
 
 import zoo
 from pipelines import config as config_lib
-from pipelines.checkpoint import Checkpointer, abstract
 from pipelines.errors import MissingFileError
-from pipelines.optim import optimizer
+from pipelines.train.checkpoint import Checkpointer, abstract
+from pipelines.train.optim import optimizer
 from zoo import interface
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipelines import config as config_lib
-from pipelines.train import train
+from pipelines.train.loop import train
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 # A GPU/TPU recipe (8 layers, d=512, 64 x 1024 tokens per step): its 300-step run is not for

@@ -195,7 +195,7 @@ _marking = threading.local()
 @contextlib.contextmanager
 def marking_flops():
   """While active, each dispatched call runs inside a ``jax.jit`` named
-  ``ops_flops__<op>__<forward FLOPs>`` (see ``pipelines.flops``)."""
+  ``ops_flops__<op>__<forward FLOPs>`` (see ``pipelines.bench.flops``)."""
   previous = getattr(_marking, "on", False)
   _marking.on = True
   try:

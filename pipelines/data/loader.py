@@ -21,7 +21,7 @@ class Data:
   train: PackedSequences
   heldout: PackedSequences
   manifest: dict[str, Any]
-  tokenizer: Any  # a pipelines.tokenizers tokenizer
+  tokenizer: Any  # a pipelines.data.hf_tokenizer tokenizer
 
 
 def load_corpus(cfg: DataConfig) -> corpora.Corpus:
@@ -37,7 +37,7 @@ def build(
 ) -> Data:
   """Reads the corpus, splits it, packs both sides and checks ids against ``vocab_size``.
 
-  ``tokenizer``: the run's (``pipelines.tokenizers.load_tokenizer(exp)``); ``None`` is only
+  ``tokenizer``: the run's (``pipelines.data.hf_tokenizer.load_tokenizer(exp)``); ``None`` is only
   allowed for ``data.tokenizer: byte``. ``single_stream``: one document per row (for models that
   refuse packed ``segment_ids``).
   """

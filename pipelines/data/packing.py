@@ -21,7 +21,8 @@ from pipelines.errors import InputError
 
 def pack(documents: Sequence[Document], tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
   """Returns (tokens ``[N]`` uint16, or uint32 for vocabularies over 65536 ids, document index
-  ``[N]`` int32) of the concatenated stream; ``tokenizer`` is a ``pipelines.tokenizers`` one."""
+  ``[N]`` int32) of the concatenated stream; ``tokenizer`` is a
+  ``pipelines.data.hf_tokenizer`` one."""
   if not documents:
     raise InputError("no documents to pack")
   bos = tokenizer.bos_id is not None

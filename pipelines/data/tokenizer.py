@@ -17,8 +17,8 @@ VOCAB_SIZE = 256 + NUM_SPECIAL
 class ByteTokenizer:
   """UTF-8 bytes as tokens. Decoding drops special tokens and replaces invalid UTF-8.
 
-  ``pipelines.tokenizers.HFTokenizer`` has the same interface for imported models; code that
-  handles text takes either (``pipelines.tokenizers.load_tokenizer`` picks the run's).
+  ``pipelines.data.hf_tokenizer.HFTokenizer`` has the same interface for imported models; code that
+  handles text takes either (``pipelines.data.hf_tokenizer.load_tokenizer`` picks the run's).
   """
 
   name = "byte"

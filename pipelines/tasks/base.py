@@ -15,7 +15,7 @@ A position in ``inputs`` equals the index in ``full``; the target predicting ``f
 index ``p - 1``.
 
 Every task takes ``tokenizer=`` (default the byte tokenizer; an imported model's from
-``pipelines.tokenizers.load_tokenizer``): texts are built with it, a question and its answers
+``pipelines.data.hf_tokenizer.load_tokenizer``): texts are built with it, a question and its answers
 are encoded as one text (so the answer is tokenized as the model would see it in running text),
 and symbol tasks draw their ids from its non-special vocabulary (``token_range`` indexes
 ``tokenizer.drawable_ids()``, which is the identity for bytes). Lengths are in tokens.

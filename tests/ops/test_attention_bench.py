@@ -1,11 +1,11 @@
-"""pipelines.bench_attention: rows for every (implementation, shape, mode), honest FLOP counts."""
+"""pipelines.bench.attention: rows for every (implementation, shape, mode), honest FLOP counts."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ops.attention import Mask
-from pipelines.bench_attention import Shape, bench_attention, format_table, visible_pairs
+from pipelines.bench.attention import Shape, bench_attention, format_table, visible_pairs
 
 
 def test_visible_pairs_is_exact():

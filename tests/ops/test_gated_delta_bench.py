@@ -1,10 +1,10 @@
-"""The memory benchmark (pipelines/bench_memory.py) at a tiny size."""
+"""The memory benchmark (pipelines/bench/memory.py) at a tiny size."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipelines.bench_memory import bench_memory, format_table, run_cli
+from pipelines.bench.memory import bench_memory, format_table, run_cli
 
 
 def test_bench_memory_rows_and_table():

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from pipelines import config as config_lib
 from pipelines import sharding
 from pipelines.run import build_model
-from pipelines.train import make_train_step
+from pipelines.train.loop import make_train_step
 from zoo.layers import parallel
 from zoo.layers.attention import Attention
 
@@ -227,7 +227,7 @@ def test_block_output_is_constrained_to_the_layout(mesh_cfg):
 @pytest.mark.slow
 def test_train_on_a_context_mesh_matches_one_device(tmp_path):
   """``train`` end to end (data pipeline, sharded creation, checkpoints) on fsdp=2 x context=4."""
-  from pipelines.train import train
+  from pipelines.train.loop import train
 
   def run(name, mesh):
     raw = {

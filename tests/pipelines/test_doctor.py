@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipelines import doctor
+from pipelines.bench import doctor
 
 
 def test_one_row_passes_and_a_wrong_kernel_fails():

@@ -10,9 +10,9 @@ import pytest
 
 import zoo
 from pipelines import config as config_lib
-from pipelines import export, safetensors_io
 from pipelines.cli import main as cli_main
-from pipelines.train import train
+from pipelines.interchange import export, safetensors_io
+from pipelines.train.loop import train
 
 # Same float32 program compiled twice (live jit vs deserialised artifact): tiny reorderings only.
 TOL = {"logits": 1e-5}

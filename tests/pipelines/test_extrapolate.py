@@ -7,9 +7,10 @@ import pytest
 
 import zoo
 from pipelines import config as config_lib
-from pipelines import eval_suite, extrapolate
-from pipelines.streaming import ChunkedRunner
-from pipelines.train import train
+from pipelines.evaluation import extrapolate
+from pipelines.evaluation import suite as eval_suite
+from pipelines.evaluation.chunked import ChunkedRunner
+from pipelines.train.loop import train
 from tests.zoo.helpers import forward_fn
 
 L = 32
@@ -95,7 +96,7 @@ def test_eval_suite_table(run_dir):
   assert {"passkey", "mqar", "selective_copy"} <= tasks
   # Every scored row is the task scored directly with the run's model (the reference path:
   # the same task, seed and examples through a fresh streaming runner).
-  from pipelines.extrapolate import heldout_stream
+  from pipelines.evaluation.extrapolate import heldout_stream
   from pipelines.run import load_run
   from pipelines.tasks import evaluate as evaluate_task
   from pipelines.tasks import get as get_task

@@ -6,9 +6,11 @@ import json
 import pytest
 
 import zoo
-from pipelines import cli, eval_suite, extrapolate
+from pipelines import cli
 from pipelines import config as config_lib
-from pipelines.train import train
+from pipelines.evaluation import extrapolate
+from pipelines.evaluation import suite as eval_suite
+from pipelines.train.loop import train
 
 # One recipe per family (emllm_tiny is the infllm family with events; duo, infllm, hmt run as
 # their recipes define them). The fast set: attention, a recurrent memory, a neural memory.

@@ -17,14 +17,14 @@ import pytest
 import yaml
 
 from pipelines import config as config_lib
-from pipelines import export, safetensors_io
-from pipelines.checkpoint import Checkpointer, abstract
 from pipelines.cli import main as cli_main
 from pipelines.errors import NonFiniteLossError
-from pipelines.metrics import MetricsWriter, read
-from pipelines.optim import optimizer
-from pipelines.run import build_model
-from pipelines.train import train
+from pipelines.interchange import export, safetensors_io
+from pipelines.run import build_model, load_run
+from pipelines.train.checkpoint import Checkpointer, abstract
+from pipelines.train.loop import train
+from pipelines.train.metrics import MetricsWriter, read
+from pipelines.train.optim import optimizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -170,7 +170,7 @@ def test_export_refuses_a_corrupt_only_checkpoint(tmp_path, trained_run, corrupt
 
 
 def test_export_refuses_nonfinite_parameters(tmp_path, trained_run):
-  _, model, _ = __import__("pipelines.train", fromlist=["load_run"]).load_run(trained_run.run_dir)
+  _, model, _ = load_run(trained_run.run_dir)
   from flax import nnx
 
   leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
@@ -208,7 +208,7 @@ def test_interrupted_export_is_refused(tmp_path, trained_run):
 
 
 def test_hf_export_with_a_flipped_bit_is_refused_on_import(tmp_path, trained_run):
-  from pipelines import hf
+  from pipelines.interchange import hf
 
   out = export.export(trained_run.run_dir, "hf", tmp_path / "hf")
   bit_flip_file = out / "model.safetensors"

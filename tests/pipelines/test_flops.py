@@ -3,7 +3,7 @@
 from flax import nnx
 
 import zoo
-from pipelines.flops import model_forward_flops, train_step_flops
+from pipelines.bench.flops import model_forward_flops, train_step_flops
 
 
 def transformer_hand_count(c, batch: int, length: int) -> float:

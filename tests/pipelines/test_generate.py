@@ -55,7 +55,7 @@ def test_streaming_inside_its_window_equals_plain_and_runs_past_max_len(imported
   assert n + 16 > 64  # past the model's 64 positions
   assert cli_main(["generate", str(run), "--prompt", long_prompt, "--max-new-tokens", "16"]) == 2
   assert "exceeds max_len=64" in capsys.readouterr().err
-  from pipelines.generate import generate_text
+  from pipelines.evaluation.generate import generate_text
 
   out = generate_text(run, long_prompt, 16, method="streaming")
   assert 1 <= len(out["ids"]) <= 16 and max(out["ids"]) < VOCAB
@@ -65,7 +65,7 @@ def test_streaming_inside_its_window_equals_plain_and_runs_past_max_len(imported
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["infllm", "emllm", "duo"])
 def test_memories_generate_past_max_len(imported, method):
-  from pipelines.generate import generate_text
+  from pipelines.evaluation.generate import generate_text
 
   _, tok, run = imported
   long_prompt = " ".join(TEXTS * 4)

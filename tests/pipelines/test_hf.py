@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import zoo
-from pipelines import hf
 from pipelines.cli import main as cli_main
 from pipelines.errors import CorruptFileError
+from pipelines.interchange import hf
+from pipelines.interchange.safetensors_io import flat_params
 from pipelines.run import load_run
-from pipelines.safetensors_io import flat_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -184,7 +184,7 @@ def write_tokenizer(directory):
 
 
 def test_imported_run_tokenizer_round_trips(tmp_path):
-  from pipelines import tokenizers
+  from pipelines.data import hf_tokenizer as tokenizers
 
   _, directory = hf_llama(tmp_path)
   write_tokenizer(directory)
@@ -212,7 +212,7 @@ def test_truncated_checkpoint_of_imported_run_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_imported_run_is_accepted_by_eval(tmp_path):
-  from pipelines import eval_suite
+  from pipelines.evaluation import suite as eval_suite
 
   _, directory = hf_llama(tmp_path)
   data = {"max_documents": 20, "seq_len": 16, "batch_size": 2}
@@ -696,8 +696,8 @@ def test_bfloat16_import_keeps_dtype_places_on_mesh_and_writes_no_optimizer(tmp_
   from flax import nnx
 
   from pipelines import sharding
-  from pipelines.checkpoint import Checkpointer
   from pipelines.run import build_model
+  from pipelines.train.checkpoint import Checkpointer
 
   ref, directory = save_hf(tmp_path, "qwen2", name="bf16")
   ref.to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)
@@ -739,7 +739,7 @@ def test_bfloat16_import_keeps_dtype_places_on_mesh_and_writes_no_optimizer(tmp_
 @pytest.mark.slow
 def test_training_resumes_from_an_imported_run(tmp_path):
   from pipelines import config as config_lib
-  from pipelines.train import train
+  from pipelines.train.loop import train
 
   _, directory = save_hf(tmp_path, "llama")
   run = tmp_path / "run"

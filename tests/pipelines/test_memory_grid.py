@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import hf, tokenizers
 from pipelines.cli import main as cli_main
-from pipelines.eval_suite import mean_chars
+from pipelines.data import hf_tokenizer as tokenizers
+from pipelines.evaluation.suite import mean_chars
+from pipelines.interchange import hf
 from pipelines.tasks import get as get_task
 from tests.pipelines.tiny_hf import VOCAB, bpe_tokenizer, hf_model
 
@@ -38,7 +39,7 @@ def test_memory_grid_runs_with_the_model_tokenizer(tmp_path, capsys):
   for c in res["cells"]:
     params = {"corpus": corpus} if c["task"] == "needle_single" else {}
     if c["task"] == "needle_single" and corpus is None:
-      from pipelines.extrapolate import heldout_stream
+      from pipelines.evaluation.extrapolate import heldout_stream
       from pipelines.run import load_run
 
       corpus = heldout_stream(load_run(run)[0], tok)
@@ -64,7 +65,7 @@ def train_imported_passkey_model(tmp: Path, steps: int = 600) -> Path:
   from flax import nnx
 
   import zoo
-  from pipelines.synthetic import Budget, train_on_task
+  from pipelines.tasks.training import Budget, train_on_task
 
   bpe_tokenizer(tmp / "tok")
   tok = tokenizers.load(tmp / "tok")

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from pipelines import config as config_lib
-from pipelines.metrics import read
 from pipelines.run import load_run
-from pipelines.train import train
+from pipelines.train.loop import train
+from pipelines.train.metrics import read
 
 ROOT = Path(__file__).resolve().parents[2]
 LR = 1e-2

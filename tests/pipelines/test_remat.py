@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from pipelines import config as config_lib
-from pipelines.optim import optimizer
 from pipelines.run import build_model
-from pipelines.train import make_train_step
+from pipelines.train.loop import make_train_step
+from pipelines.train.optim import optimizer
 
 MODELS = {
   "transformer": {"preset": "tiny", "d_model": 64, "n_layers": 3, "n_heads": 4, "d_ff": 256},

@@ -10,10 +10,10 @@ from jax.sharding import PartitionSpec as P
 
 from pipelines import config as config_lib
 from pipelines import sharding
-from pipelines.checkpoint import Checkpointer, abstract
-from pipelines.optim import optimizer
 from pipelines.run import build_model
-from pipelines.train import make_train_step
+from pipelines.train.checkpoint import Checkpointer, abstract
+from pipelines.train.loop import make_train_step
+from pipelines.train.optim import optimizer
 
 # float32 everywhere; sharded matmuls and reductions sum in a different order than one device.
 # Parameters are compared after an SGD step: Adam's first step is lr * g / |g|, which turns

@@ -22,7 +22,7 @@ import zoo
 from ops.common.dispatch import FAILED
 from ops.memory.gated_delta import pallas_gpu as gated_delta_gpu
 from pipelines import config as config_lib
-from pipelines.train import IMPLEMENTATIONS_FILE, loss_fn, train
+from pipelines.train.loop import IMPLEMENTATIONS_FILE, loss_fn, train
 
 BACKENDS = ("gpu", "tpu")
 # One family per op with kernels stays in the fast set (the neural memory's family takes over

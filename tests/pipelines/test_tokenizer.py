@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from pipelines import config as config_lib
-from pipelines import tokenizers
 from pipelines.cli import main as cli_main
+from pipelines.data import hf_tokenizer as tokenizers
 from pipelines.data import loader
 from pipelines.data.tokenizer import ByteTokenizer
 from tests.pipelines.tiny_hf import VOCAB, bpe_tokenizer, hf_model

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from pipelines import config as config_lib
-from pipelines.checkpoint import Checkpointer
 from pipelines.errors import NonFiniteLossError
-from pipelines.metrics import read
 from pipelines.run import load_run
-from pipelines.train import train
+from pipelines.train.checkpoint import Checkpointer
+from pipelines.train.loop import train
+from pipelines.train.metrics import read
 
 BASE = {
   "model": {

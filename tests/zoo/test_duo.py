@@ -135,8 +135,8 @@ def test_bad_config_names_field():
 def test_trains_on_mqar_beyond_chance():
   # One retrieval KV head per layer, the other streams with a 6-token window over 64 tokens:
   # recall of the pairs (first 8 tokens) from later queries goes through the retrieval heads.
-  from pipelines.synthetic import Budget, train_on_task
   from pipelines.tasks import MQAR
+  from pipelines.tasks.training import Budget, train_on_task
 
   bb = backbone(d_model=64, d_ff=128, max_len=64)
   cfg = duo(backbone=bb, window=6, retrieval_heads=((0,), (0,)))

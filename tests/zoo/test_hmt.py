@@ -79,8 +79,8 @@ def test_bad_config_names_field():
 
 @pytest.mark.slow
 def test_trains_on_mqar_beyond_chance():
-  from pipelines.synthetic import Budget, train_on_task
   from pipelines.tasks import MQAR
+  from pipelines.tasks.training import Budget, train_on_task
 
   bb = zoo.config("transformer", "tiny", d_model=64, d_ff=128)
   # Queries sit in the second segment; the full-length sensory memory carries the pairs over.

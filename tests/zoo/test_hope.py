@@ -181,8 +181,8 @@ def test_bad_config_names_the_field():
 
 @pytest.mark.slow
 def test_mqar_beats_chance():
-  from pipelines.synthetic import Budget, train_on_task
   from pipelines.tasks import MQAR
+  from pipelines.tasks.training import Budget, train_on_task
 
   task = dict(length=32, num_pairs=4, token_range=(0, 64))
   result = train_on_task(

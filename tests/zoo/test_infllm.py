@@ -158,8 +158,8 @@ def test_trains_on_mqar_beyond_chance(options):
   # The pairs sit in the first 8 tokens (memory block 0, no sinks) and the window is 16
   # tokens: block 0 is committed for queries at p >= 8 + 16 - 1 = 23, which can recall only
   # through retrieval. Accuracy is checked on those queries alone.
-  from pipelines.synthetic import Budget, train_on_task
   from pipelines.tasks import MQAR
+  from pipelines.tasks.training import Budget, train_on_task
 
   bb = zoo.config("transformer", "tiny", d_model=64, d_ff=128)
   cfg = zoo.config(

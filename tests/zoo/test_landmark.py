@@ -104,8 +104,8 @@ def test_bad_config_names_field():
 
 @pytest.mark.slow
 def test_trains_on_mqar_beyond_chance():
-  from pipelines.synthetic import Budget, train_on_task
   from pipelines.tasks import MQAR
+  from pipelines.tasks.training import Budget, train_on_task
 
   cfg = landmark(block_size=8, backbone=zoo.config("transformer", "tiny", d_model=64, d_ff=128))
   train = MQAR(length=64, num_pairs=4, token_range=(0, 64), seed=0)

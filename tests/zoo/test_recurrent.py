@@ -132,8 +132,8 @@ def check_gradients(model, x: jax.Array, **call_kwargs) -> None:
 
 def train_mqar(cfg, steps: int = 200) -> dict:
   """A short MQAR run (length 32, 4 pairs, 16 values); returns ``train_on_task``'s result."""
-  from pipelines.synthetic import Budget, train_on_task
   from pipelines.tasks.mqar import MQAR
+  from pipelines.tasks.training import Budget, train_on_task
 
   kw = {"length": 32, "num_pairs": 4, "token_range": (0, 32)}
   train, held_out = MQAR(seed=0, **kw), MQAR(seed=1, num_examples=128, **kw)
@@ -288,7 +288,7 @@ def test_window_attention_shift_buffer_matches_masked_attention(window, conv):
 
 
 def test_mqar_table_markdown_orders_rows():
-  from pipelines.mqar_table import VARIANTS, to_markdown
+  from pipelines.evaluation.mqar_table import VARIANTS, to_markdown
 
   assert {v.family for v in VARIANTS} >= set(FAMILIES) | {"transformer"}
   row = dict(overrides={}, params=10, chance=1 / 16, seconds=1.0)
@@ -311,7 +311,7 @@ def test_mqar_table_markdown_orders_rows():
 
 
 def test_mqar_table_merges_rows_of_separate_runs(tmp_path):
-  from pipelines.mqar_table import main, save_rows
+  from pipelines.evaluation.mqar_table import main, save_rows
 
   row = dict(params=10, chance=1 / 16, seconds=1.0)
   save_rows(
@@ -333,8 +333,8 @@ def test_mqar_table_merges_rows_of_separate_runs(tmp_path):
 
 @pytest.mark.slow
 def test_mqar_table_trains_and_scores():
-  from pipelines.mqar_table import mqar_table
-  from pipelines.synthetic import Budget
+  from pipelines.evaluation.mqar_table import mqar_table
+  from pipelines.tasks.training import Budget
 
   rows = mqar_table(
     budget=Budget(steps=3, batch_size=4, eval_examples=8),
@@ -346,9 +346,9 @@ def test_mqar_table_trains_and_scores():
   assert [r["label"] for r in rows] == ["mamba2", "mamba2"]
   assert rows[0]["state"] < rows[1]["state"]
   # Each row's accuracy is that of training and scoring the same model and seed directly.
-  from pipelines.mqar_table import VARIANTS
-  from pipelines.synthetic import train_on_task
+  from pipelines.evaluation.mqar_table import VARIANTS
   from pipelines.tasks.mqar import MQAR
+  from pipelines.tasks.training import train_on_task
 
   kw = dict(length=16, num_pairs=2, token_range=(0, 16), power_a=None)
   for row, v in zip(rows, [v for v in VARIANTS if v.label == "mamba2"]):

@@ -193,8 +193,8 @@ def test_presets_build():
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["lmm", "mag", "mal"])
 def test_mqar_beats_chance(variant):
-  from pipelines.synthetic import Budget, train_on_task
   from pipelines.tasks import MQAR
+  from pipelines.tasks.training import Budget, train_on_task
 
   task = dict(length=32, num_pairs=4, token_range=(0, 64))
   result = train_on_task(
@@ -263,7 +263,7 @@ def test_late_query_mqar_binds_in_the_first_segment_and_asks_later():
 @pytest.mark.slow
 def test_mac_recalls_across_segments():
   """Keys bound in segment 0, asked in segments 1 and 2 (48 tokens, 16-token segments)."""
-  from pipelines.synthetic import Budget, train_on_task
+  from pipelines.tasks.training import Budget, train_on_task
 
   task = dict(length=48, num_pairs=2, token_range=(0, 16), first_query=16)
   # The default inner learning rate: memory_lr_max caps a chunk's summed step, so runs of

@@ -1,6 +1,6 @@
 """Sampling from a model through its decode state (``init_state`` / ``step``), and
 ``memzoo generate``: text in, the decoded continuation out, with the run's own tokenizer and
-optionally a training-free memory (``pipelines.memories``) on the same weights."""
+optionally a training-free memory (``pipelines.evaluation.memories``) on the same weights."""
 
 from __future__ import annotations
 
@@ -114,9 +114,9 @@ def generate_text(
   Returns ``{"text", "prompt_ids", "ids", "method", "options"}``; generation stops after
   ``max_new_tokens`` tokens or at the tokenizer's EOS.
   """
-  from pipelines import memories
+  from pipelines.data.hf_tokenizer import load_tokenizer
+  from pipelines.evaluation import memories
   from pipelines.run import load_run
-  from pipelines.tokenizers import load_tokenizer
 
   if temperature < 0:
     raise InputError(f"--temperature must be >= 0, got {temperature}")

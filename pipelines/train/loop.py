@@ -26,13 +26,13 @@ import ops.common
 import zoo
 from pipelines import config as config_lib
 from pipelines import rundir, sharding
-from pipelines.checkpoint import Checkpointer, abstract
 from pipelines.data import loader
+from pipelines.data.hf_tokenizer import load_tokenizer
 from pipelines.errors import NonFiniteLossError
-from pipelines.metrics import MetricsWriter
-from pipelines.optim import optimizer, schedule
 from pipelines.run import build_model
-from pipelines.tokenizers import load_tokenizer
+from pipelines.train.checkpoint import Checkpointer, abstract
+from pipelines.train.metrics import MetricsWriter
+from pipelines.train.optim import optimizer, schedule
 from zoo.layers import remat
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 For each model (tiny preset unless told otherwise) and context length ``n``:
 - train: a jitted forward+backward on ``[batch, n]``: tokens/s, the compiled temporary memory
   and MFU where the device peak is known, from FLOPs counted on the model's shapes
-  (``pipelines.flops``: every matmul plus each op's own count, so Pallas kernels count and
+  (``pipelines.bench.flops``: every matmul plus each op's own count, so Pallas kernels count and
   masked attention blocks do not; XLA's cost analysis does neither);
 - decode: the time of one ``step`` with ``n`` tokens already in the state (a KV cache grows
   with ``n``; a recurrent state does not), as tokens/s.
@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 import zoo
-from pipelines.flops import train_step_flops
+from pipelines.bench.flops import train_step_flops
 from pipelines.report import markdown_table
 
 # Dense bf16 peak FLOP/s by device kind (public spec sheets); MFU is left blank elsewhere.

@@ -6,9 +6,9 @@ and twice it, scored by exact match on the answer spans), ``all`` (both), and ``
 passkey and needle grids (depth x length, 1x-8x the trained length) for plain attention,
 StreamingLLM, InfLLM, EM-LLM and DuoAttention on the same weights, with accuracy and KV memory
 per method (a transformer run, e.g. one made by ``memzoo import-hf``). Every suite builds its
-texts with the run's tokenizer (``pipelines.tokenizers.load_tokenizer``); lengths are in tokens,
-with the characters they hold alongside. Results go to ``RUN/eval.json`` (``RUN/memory.json``
-for ``memory``) and a section of ``RUN/report.md`` (plus ``RUN/memory.png``).
+texts with the run's tokenizer (``pipelines.data.hf_tokenizer.load_tokenizer``); lengths are
+in tokens, with the characters they hold alongside. Results go to ``RUN/eval.json``
+(``RUN/memory.json`` for ``memory``) and a section of ``RUN/report.md`` (plus ``RUN/memory.png``).
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import evaluate, memories, report
+from pipelines import report
+from pipelines.data.hf_tokenizer import load_tokenizer
 from pipelines.errors import InputError
+from pipelines.evaluation import heldout as evaluate
+from pipelines.evaluation import memories
+from pipelines.evaluation.chunked import ChunkedRunner
 from pipelines.run import load_run
 from pipelines.rundir import atomic_write_text
-from pipelines.streaming import ChunkedRunner
 from pipelines.tasks import evaluate as evaluate_task
 from pipelines.tasks import get as get_task
-from pipelines.tokenizers import load_tokenizer
 
 SUITES = ("heldout", "synthetic", "all", "memory")
 MEMORY_TASKS = ("passkey", "needle_single")
@@ -60,8 +62,8 @@ def mean_chars(source: Any, tok: Any, n: int = 4) -> float:
 def synthetic(run_dir: str | Path, *, factors=(1, 2, 4), n: int = 32) -> list[dict[str, Any]]:
   """Accuracy per task x length for a run's latest checkpoint (streamed in chunks of L)."""
   exp, model, _ = load_run(run_dir)
-  from pipelines.extrapolate import heldout_stream
-  from pipelines.generate import trained_length
+  from pipelines.evaluation.extrapolate import heldout_stream
+  from pipelines.evaluation.generate import trained_length
 
   tok = load_tokenizer(Path(run_dir))
   corpus = heldout_stream(exp, tok)
@@ -115,12 +117,12 @@ def memory_grid(
   length, for a transformer run with its own tokenizer.
 
   Lengths are ``factor * L`` tokens, ``L`` the trained length (``generate.trained_length``).
-  Every method wraps the same parameters (``pipelines.memories``) and streams each input
+  Every method wraps the same parameters (``pipelines.evaluation.memories``) and streams each input
   through its decode state in chunks. Cells whose task does not fit the length are skipped.
   ``task_params``: extra parameters per task (e.g. ``{"passkey": {"num_digits": 3}}``).
   """
-  from pipelines.extrapolate import heldout_stream
-  from pipelines.generate import duo_gate_batches, trained_length
+  from pipelines.evaluation.extrapolate import heldout_stream
+  from pipelines.evaluation.generate import duo_gate_batches, trained_length
 
   run_dir = Path(run_dir)
   exp, model, step = load_run(run_dir)

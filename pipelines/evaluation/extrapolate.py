@@ -31,13 +31,13 @@ import zoo
 from pipelines import config as config_lib
 from pipelines import plots, report
 from pipelines.data import loader
+from pipelines.data.hf_tokenizer import load_tokenizer
 from pipelines.errors import InputError, MissingFileError
+from pipelines.evaluation.chunked import ChunkedRunner
 from pipelines.run import load_run
 from pipelines.rundir import atomic_write_text
-from pipelines.streaming import ChunkedRunner
 from pipelines.tasks import evaluate as evaluate_task
 from pipelines.tasks import grid
-from pipelines.tokenizers import load_tokenizer
 
 ROPE_VARIANTS = ("linear", "ntk", "dynamic_ntk", "yarn", "abf", "truncated")
 POLICY_VARIANTS = ("window", "sinks_window")

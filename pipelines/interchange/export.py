@@ -4,8 +4,9 @@
 parameter names (``blocks.0.attn.wq``) and a ``config.json`` holding the experiment and the
 file's SHA-256, so a flipped bit is refused on reload. Every export directory also gets a
 ``checksums.json`` (the SHA-256 of each file written, itself written last), verified on load;
-parameters are checked finite before anything is written. ``--format hf`` is in ``pipelines.hf``;
-the safetensors and checksum helpers are in ``pipelines.safetensors_io``.
+parameters are checked finite before anything is written. ``--format hf`` is in
+``pipelines.interchange.hf``; the safetensors and checksum helpers are in
+``pipelines.interchange.safetensors_io``.
 ``--format stablehlo`` serialises ``jax.export`` artifacts of the forward pass and of one decode
 step; both take the weights as a ``{name: array}`` argument (read them from the safetensors file
 written beside them), so serving needs neither the zoo's Python code nor Flax.
@@ -25,8 +26,7 @@ from flax import nnx
 
 from pipelines import config as config_lib
 from pipelines.errors import CorruptFileError, InputError
-from pipelines.rundir import atomic_write_bytes, atomic_write_text
-from pipelines.safetensors_io import (
+from pipelines.interchange.safetensors_io import (
   CHECKSUMS,
   assign_params,
   check_finite,
@@ -36,6 +36,7 @@ from pipelines.safetensors_io import (
   verify_checksums,
   write_checksums,
 )
+from pipelines.rundir import atomic_write_bytes, atomic_write_text
 
 FORMAT = "memzoo-safetensors"
 FORMATS = ("safetensors", "hf", "stablehlo")
@@ -181,7 +182,8 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None, **kwargs: A
   if fmt == "safetensors":
     return save_safetensors(model, exp, out, step)
   if fmt == "hf":
-    from pipelines import hf, tokenizers
+    from pipelines.data import hf_tokenizer as tokenizers
+    from pipelines.interchange import hf
 
     out.mkdir(parents=True, exist_ok=True)
     (out / CHECKSUMS).unlink(missing_ok=True)

@@ -8,9 +8,9 @@ from typing import Any
 from flax import nnx
 
 from pipelines.data import loader
+from pipelines.data.hf_tokenizer import load_tokenizer
 from pipelines.run import load_run
-from pipelines.tokenizers import load_tokenizer
-from pipelines.train import evaluate_loss, make_eval_step
+from pipelines.train.loop import evaluate_loss, make_eval_step
 
 
 def heldout(run_dir: str | Path, batches: int | None = None) -> dict[str, Any]:

@@ -35,15 +35,15 @@ import numpy as np
 from flax import nnx
 
 from pipelines import config as config_lib
-from pipelines import tokenizers
+from pipelines.data import hf_tokenizer as tokenizers
 from pipelines.errors import InputError, MissingFileError, UnsupportedModelError
-from pipelines.rundir import atomic_write_text
-from pipelines.safetensors_io import (
+from pipelines.interchange.safetensors_io import (
   CHECKSUMS,
   CorruptFileError,
   flat_params,
   verify_checksums,
 )
+from pipelines.rundir import atomic_write_text
 
 ARCHITECTURES = {
   "LlamaForCausalLM": "llama",
@@ -740,8 +740,8 @@ def import_hf(
     UnsupportedModelError: a config key, RoPE type or tensor memzoo does not reproduce.
   """
   from pipelines import sharding
-  from pipelines.checkpoint import Checkpointer
   from pipelines.run import build_model
+  from pipelines.train.checkpoint import Checkpointer
 
   directory, run_dir = Path(directory), Path(run_dir)
   # Refused before any weight is read: importing would overwrite a trained run's step 0.
@@ -794,7 +794,7 @@ def import_hf(
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-  from pipelines.checkpoint import Checkpointer
+  from pipelines.train.checkpoint import Checkpointer
 
   if not (run_dir / "checkpoints").is_dir():
     return False

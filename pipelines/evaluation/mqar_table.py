@@ -1,4 +1,6 @@
-"""MQAR recall by model and state size: ``python -m pipelines.mqar_table [--steps N ...]``.
+"""MQAR recall by model and state size.
+
+``python -m pipelines.evaluation.mqar_table [--steps N ...]``.
 
 Trains each recurrent model at two state sizes (and the transformer, the ceiling whose KV cache
 grows with the sequence) on multi-query associative recall with one fixed budget, and writes a
@@ -19,8 +21,8 @@ import numpy as np
 from flax import nnx
 
 import zoo
-from pipelines.synthetic import Budget, count_params, train_on_task
 from pipelines.tasks.mqar import MQAR
+from pipelines.tasks.training import Budget, count_params, train_on_task
 
 
 @dataclasses.dataclass(frozen=True)

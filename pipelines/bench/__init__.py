@@ -1,0 +1,1 @@
+"""Benchmarks: attention, memory and model speed tables, and the device check."""

@@ -1,0 +1,1 @@
+"""Evaluation: held-out loss, the synthetic suite, extrapolation, generation, MQAR."""

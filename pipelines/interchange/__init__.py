@@ -1,0 +1,1 @@
+"""Interchange: Hugging Face import/export, safetensors, StableHLO."""

@@ -1,0 +1,1 @@
+"""Training: the train loop, its checkpoints, metrics and optimizer."""
