@@ -20,7 +20,6 @@ from flax import nnx
 import ops.common
 import zoo
 from ops.common.dispatch import FAILED
-from ops.memory.gated_delta import pallas_gpu as gated_delta_gpu
 from pipelines import config as config_lib
 from pipelines.train.loop import IMPLEMENTATIONS_FILE, loss_fn, train
 
@@ -40,10 +39,10 @@ _NEURAL_LIMITS = (
   "powers of two",
   "chunk_size >= 8",
 )
-_GATED_DELTA_LIMITS = () if gated_delta_gpu._TAKES_SEGMENTS else ("do not take segment_ids",)
 DECLARED_LIMITS = {
   "dot_product_attention": ("GPU blocks must be powers of two >= 16", "TPU blocks"),
-  "gated_delta_rule": _GATED_DELTA_LIMITS,
+  # The gated delta kernels serve every call a family makes, packed segments included.
+  "gated_delta_rule": (),
   "neural_memory": _NEURAL_LIMITS,
 }
 
