@@ -108,7 +108,7 @@ def test_family_trains_through_simulated_dispatch(family, backend, monkeypatch):
   check_record(record, backend)
   if family == "transformer":
     assert set(record["dot_product_attention"]["served"]) == {f"pallas_{backend}"}, record
-  if family == "deltanet" and not _GATED_DELTA_LIMITS:
+  if family == "deltanet":
     assert set(record["gated_delta_rule"]["served"]) == {f"pallas_{backend}"}, record
 
 
