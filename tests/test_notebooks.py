@@ -123,9 +123,17 @@ def test_wheel_ships_the_recipes(venv):
   assert "steps: 2" in check
 
 
-@pytest.mark.slow
-@pytest.mark.notebook
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+# `make test` runs the notebooks that finish in about a minute from the wheel; the zoo tour (every
+# family) and the MQAR training take about three minutes each and run in the slow set.
+HEAVY = ("02_zoo_tour", "05_mqar")
+
+
+def _notebook_case(path):
+  marks = [pytest.mark.slow] if path.stem in HEAVY else [pytest.mark.slow, pytest.mark.notebook]
+  return pytest.param(path, marks=marks, id=path.stem)
+
+
+@pytest.mark.parametrize("path", [_notebook_case(p) for p in NOTEBOOKS])
 def test_notebook_runs_from_the_wheel(path, venv, tmp_path):
   env = dict(venv["env"], MEMZOO_TINY="1", XLA_FLAGS="")  # one CPU device, as on Colab's CPU
   nb = tmp_path / path.name

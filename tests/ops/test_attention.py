@@ -280,9 +280,11 @@ def visible_spec(mask, p, j):
 
 
 def random_mask(rng):
+  causal = bool(rng.random() < 0.7)
+  window = [None, 1, 2, 5, 9][rng.integers(5)]
   return Mask(
-    causal=bool(rng.random() < 0.7),
-    window=[None, 1, 2, 5, 9][rng.integers(5)],
+    causal=causal,
+    window=window if causal else None,  # a non-causal window is refused (ops.attention.Mask)
     sinks=int(rng.integers(0, 4)),
     prefix=[0, 0, 3, 11][rng.integers(4)],
   )

@@ -61,7 +61,11 @@ def test_remat_reaches_every_block(family):
   assert set_remat(model, None) == layers
 
 
-@pytest.mark.parametrize("family", ["transformer", "streaming", "based", "titans", "hope"])
+@pytest.mark.parametrize(
+  "family",
+  ["transformer", "streaming", "based"]
+  + [pytest.param(f, marks=pytest.mark.slow) for f in ("titans", "hope")],
+)
 def test_remat_keeps_the_forward_and_its_gradient(family):
   cfg = zoo.config(family)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)), jnp.int32)
