@@ -29,6 +29,7 @@ import ops.attention as attention
 import ops.memory as memory
 from ops.attention import Mask
 from ops.common import NotSupportedError
+from pipelines.bench.attention import visible_pairs
 from pipelines.errors import InputError
 from pipelines.report import markdown_table
 
@@ -120,7 +121,7 @@ def _attention_checks(backend: str, small: bool, pallas: tuple[str, ...]) -> lis
   checks = []
   for i, (kind, kw) in enumerate(kinds.items()):
     mask = kw.get("mask")
-    pairs = _visible_pairs(mask, t, t)
+    pairs = visible_pairs(mask, t, t)
     if "block_indices" in kw:
       pairs = min(pairs, nq * 2 * bs * bs)
 
@@ -179,16 +180,6 @@ def _cudnn(q, k, v, kw):
   return jax.nn.dot_product_attention(
     q, k, v, is_causal=mask is not None and mask.causal, implementation="cudnn"
   )
-
-
-def _visible_pairs(mask: Mask | None, t: int, s: int) -> int:
-  if mask is None:
-    return t * s
-  total = 0
-  for p in range(s - t, s):
-    head, lo, hi = mask.key_ranges(p, p + 1, s)
-    total += head + (hi - lo)
-  return total
 
 
 def _gated_delta_checks(small: bool, pallas: tuple[str, ...]) -> list[Check]:
