@@ -162,6 +162,26 @@ def _bench(args) -> int:
   return 0
 
 
+def _reproduce(args) -> int:
+  from pipelines import reproduce as rp
+
+  known = rp.claims()
+  if args.list:
+    for c in known.values():
+      print(f"{c.name:<16} ~{c.minutes:g} min  {c.paper}: {c.statement}")
+    return 0
+  names = list(known) if args.all else args.claims
+  if not names:
+    raise InputError("name a claim, or pass --list or --all")
+  for name in names:
+    rp.get(name)  # every name checked before anything runs
+  settings = rp.Settings(size=args.size, seed=args.seed, out_dir=Path(args.out))
+  for name in names:
+    print(rp.reproduce(name, settings)["verdict"], flush=True)
+  print(f"wrote {rp.write_table(Path(args.out))}")
+  return 0
+
+
 def _doctor(args) -> int:
   from pipelines.bench import doctor
 
@@ -266,6 +286,14 @@ def parser() -> argparse.ArgumentParser:
   r.set_defaults(fn=_report)
   rc = sub.add_parser("recipes", help="list the recipes that ship with memzoo")
   rc.set_defaults(fn=_recipes)
+  rp = sub.add_parser("reproduce", help="run small experiments that test the seed papers' claims")
+  rp.add_argument("claims", nargs="*", help="claim names (memzoo reproduce --list)")
+  rp.add_argument("--list", action="store_true", help="list the claims and stop")
+  rp.add_argument("--all", action="store_true", help="run every claim")
+  rp.add_argument("--size", default="small", choices=["tiny", "small", "large"])
+  rp.add_argument("--seed", type=int, default=0)
+  rp.add_argument("--out", default="reproductions", help="results and REPRODUCTIONS.md go here")
+  rp.set_defaults(fn=_reproduce)
   d = sub.add_parser("doctor", help="compile, check and time every kernel on this backend")
   d.add_argument("--only", default=None, help="run the checks whose name contains this")
   d.add_argument("--out", default=None, help="also write the markdown table to this file")
