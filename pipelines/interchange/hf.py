@@ -100,11 +100,13 @@ def _weight_plan(cfg: Any) -> dict[str, tuple[str, tuple[int, ...], Any]]:
 
 
 def to_hf_weights(weights: dict[str, np.ndarray], cfg: Any) -> dict[str, np.ndarray]:
-  """memzoo flat parameters -> HF tensor names and ``[out, in]`` layouts (float32)."""
+  """memzoo flat parameters -> HF tensor names and ``[out, in]`` layouts, in the parameters'
+  storage dtype (``cfg.param_dtype``: an imported bfloat16 model exports bfloat16)."""
   d, dh = cfg.d_model, cfg.resolved_head_dim
+  dtype = _NP_DTYPES[getattr(cfg, "param_dtype", "float32")]
   out = {}
   for ours, (theirs, shape, _) in _weight_plan(cfg).items():
-    w = np.asarray(weights[ours], np.float32)
+    w = np.asarray(weights[ours]).astype(dtype, copy=False)
     if ours.endswith(("attn.wq", "attn.wk", "attn.wv")):
       w = w.reshape(d, -1).T
     elif ours.endswith("attn.wo"):
@@ -117,7 +119,7 @@ def to_hf_weights(weights: dict[str, np.ndarray], cfg: Any) -> dict[str, np.ndar
     for i in range(cfg.n_layers):
       p = f"model.layers.{i}.self_attn."
       for x, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)):
-        out[p + f"{x}_proj.bias"] = np.zeros((heads * dh,), np.float32)
+        out[p + f"{x}_proj.bias"] = np.zeros((heads * dh,), dtype)
   return out
 
 
@@ -146,6 +148,7 @@ _DTYPES = {
   "F16": np.float16,
   "BF16": ml_dtypes.bfloat16,
 }
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 _PARAM_DTYPES = {"F32": "float32", "F64": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 

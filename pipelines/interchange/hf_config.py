@@ -188,7 +188,7 @@ def config_to_hf(cfg: Any) -> dict[str, Any]:
     "rms_norm_eps": cfg.norm_eps,
     "tie_word_embeddings": cfg.tie_embeddings,
     "hidden_act": "silu",
-    "torch_dtype": "float32",
+    "torch_dtype": getattr(cfg, "param_dtype", "float32"),
   }
   if family == "llama":
     out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)

@@ -8,6 +8,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -718,6 +719,14 @@ def test_bfloat16_import_keeps_dtype_places_on_mesh_and_writes_no_optimizer(tmp_
   np.testing.assert_array_equal(
     w["blocks.1.attn.bias.k"].ravel(), tensors["model.layers.1.self_attn.k_proj.bias"]
   )
+  # Exported back, the tensors stay bfloat16, the bytes of the original file's (not widened
+  # to float32, which would double the export), and the config says so.
+  out = hf.export_hf(model, tmp_path / "bf16_export")
+  _, again = hf.read_hf(out)
+  for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.bias"):
+    assert again[name].dtype == tensors[name].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(again[name], tensors[name])
+  assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
   # Step 0 holds the parameters only, stored in bfloat16.
   ckpt = Checkpointer(run, async_save=False)
   try:
