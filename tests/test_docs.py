@@ -34,6 +34,7 @@ TINY_ARGS = {
   "bench memory": ["--lengths", "64", "--repeats", "1", "--heads", "1", "--dim", "8"]
   + ["--hidden", "8"],
   "bench model": ["--lengths", "16"],
+  "reproduce": ["--size", "tiny"],
 }
 
 
