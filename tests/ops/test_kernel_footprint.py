@@ -115,11 +115,8 @@ def footprint(eqn, platform: str) -> int:
 LIMITS = {"gpu": GPU_SHARED_BYTES, "tpu": TPU_VMEM_BYTES}
 
 # Kernels known not to fit, with the reason; the tests fail if one of them starts to fit (so the
-# entry is removed) or another kernel goes over. The neural-memory GPU kernel runs one program
-# per (batch, head) carrying the whole MLP memory and its momentum (4 x [64,128] float32 at
-# Titans small/base) plus the chunk's weight reads: about 333 KiB. Splitting it over the hidden
-# units is open work.
-KNOWN_OVER = {("gpu", "forward_kernel_gpu")}
+# entry is removed) or another kernel goes over. None at present.
+KNOWN_OVER: set[tuple[str, str]] = set()
 
 
 def _kernel_name(eqn) -> str:

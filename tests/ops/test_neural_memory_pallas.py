@@ -30,21 +30,23 @@ from tests.ops.test_neural_memory import assert_close, fast_jit, run
 B, H, K, V, HIDDEN = 1, 2, 16, 16, 16
 
 
-def make_inputs(seed, length, depth, heads=H, feature_map="identity"):
+def make_inputs(
+  seed, length, depth, heads=H, feature_map="identity", value_dim=V, hidden_dim=HIDDEN
+):
   """Unit-norm keys/queries, moderate gates, positive Omega weights (as in the xla tests)."""
   ks = jax.random.split(jax.random.key(seed), 8)
   unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
   q = unit(jax.random.normal(ks[0], (B, length, heads, K)))
   k = unit(jax.random.normal(ks[1], (B, length, heads, K)))
-  v = jax.random.normal(ks[2], (B, length, heads, V))
+  v = jax.random.normal(ks[2], (B, length, heads, value_dim))
   gates = {
     "lr": 0.3 * jax.random.uniform(ks[3], (B, length, heads)),
     "momentum": 0.9 * jax.random.uniform(ks[4], (B, length, heads)),
     "decay": 0.2 * jax.random.uniform(ks[5], (B, length, heads)),
   }
-  hidden = None if depth == 1 else HIDDEN
+  hidden = None if depth == 1 else hidden_dim
   memory = init_memory(
-    ks[6], heads=heads, key_dim=K, value_dim=V, hidden=hidden, feature_map=feature_map
+    ks[6], heads=heads, key_dim=K, value_dim=value_dim, hidden=hidden, feature_map=feature_map
   )
   omega = 0.5 + jax.random.uniform(ks[7], (B, length, heads))
   return (q, k, v), gates, memory, omega
@@ -129,6 +131,42 @@ def test_tpu_depth_one_chunk_8_ends_on_a_boundary():
 
 def test_gpu_depth_two_residual_gelu_forward():
   check("gpu", 20, 2, grads=False, residual=True, activation="gelu")
+
+
+@pytest.mark.parametrize("depth, width", [(2, 64), (1, 32)])
+def test_gpu_kernel_split_over_tiles(monkeypatch, depth, width):
+  # A budget that only 16-wide tiles fit splits the hidden units (depth 2: 4 tiles of 64, so the
+  # error is a sum over tiles and y accumulates over them) or the value columns (depth 1: 2
+  # tiles of 32); values, final state and gradients (through the per-chunk states the kernel
+  # saves tile by tile) against the reference, over a padded third chunk.
+  value_dim = width if depth == 1 else V
+  hidden = width if depth == 2 else None
+  fits_16 = pallas_common.gpu_program_bytes(depth, 16, K, value_dim, hidden, 16)
+  assert pallas_common.gpu_tile(depth, 16, K, value_dim, hidden) == width  # default: one tile
+  monkeypatch.setattr(pallas_common, "GPU_PROGRAM_BUDGET", fits_16)
+  assert pallas_common.gpu_tile(depth, 16, K, value_dim, hidden) == 16
+  qkv, gates, memory, omega = make_inputs(3, 36, depth, value_dim=value_dim, hidden_dim=width)
+  # Not through the cached jit of ``run_and_grad``: the tile is fixed while tracing.
+  loss = _loss("pallas_gpu", {"chunk_size": 16})
+  g, (y, state) = fast_jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
+    qkv, gates, memory, omega
+  )
+  y_ref, state_ref, g_ref = run_and_grad("reference", qkv, gates, memory, omega, chunk_size=16)
+  assert_close(y, y_ref, jnp.float32, "value", "y")
+  assert_trees_close(state, state_ref, "value", "state")
+  assert_trees_close(g, g_ref, "grad", "d")
+
+
+def test_gpu_tiles_fit_the_budget():
+  # Titans small/base (F = V = 64, hidden 128, C = 16) runs 4 hidden tiles of 32 per program;
+  # too wide a memory for even 16-wide tiles is refused, so dispatch falls back to xla.
+  assert pallas_common.gpu_tile(2, 16, 64, 64, 128) == 32
+  assert pallas_common.gpu_program_bytes(2, 16, 64, 64, 128, 128) > (
+    pallas_common.GPU_PROGRAM_BUDGET
+  )
+  assert pallas_common.gpu_tile(1, 16, 64, 64, None) == 64
+  with pytest.raises(NotSupportedError, match="per program"):
+    pallas_common.gpu_tile(2, 64, 1024, 1024, 1024)
 
 
 @pytest.mark.slow

@@ -111,9 +111,10 @@ def state_bytes(state):
 
 def test_offload_matches_device_with_constant_device_state():
   # 48 tokens = 8 windows, top_k 2 of up to 10 blocks: retrieval is selective. The device
-  # model runs its block-sparse forward; the offloaded one decodes token by token.
+  # model runs its block-sparse forward with per-token retrieval (query_tile 1, as the
+  # offloaded one, which decodes token by token).
   x = tokens(5, 2, 48)
-  ref = jitted(zoo.build(infllm(top_k=2), rngs=5))[0](x)[0]
+  ref = jitted(zoo.build(infllm(top_k=2, query_tile=1), rngs=5))[0](x)[0]
   model = zoo.build(infllm(top_k=2, offload=True), rngs=5)
   _, step, raw = jitted(model)
   state = model.init_state(2)
@@ -180,3 +181,54 @@ def test_trains_on_mqar_beyond_chance(options):
   far_acc = float(np.mean(pred[far] == batch["targets"][far]))
   print(options, out["accuracy"], far_acc, int(far.sum()), out["chance"])
   assert far.sum() > 100 and far_acc > 3 * out["chance"]
+
+
+def _tiled(**kw):
+  # Blocks of 16 and query tiles of 16: the smallest the GPU kernel takes. 96 tokens, window
+  # 16: 4 committed blocks by the end; top_k 1 makes the retrieval choice matter.
+  bb = backbone(n_layers=1)
+  base = {"backbone": bb, "sinks": 2, "window": 16, "block_size": 16, "n_repr": 2}
+  return zoo.config("infllm", "tiny", **{**base, "top_k": 1, "chunk_size": 48, **kw})
+
+
+def _forward_on(backend, cfg, x, monkeypatch):
+  """The forward under the simulated ``backend`` (None: this CPU), and what served attention."""
+  import ops.common
+
+  if backend is None:
+    monkeypatch.delenv(ops.common.SIMULATE_ENV, raising=False)
+  else:
+    monkeypatch.setenv(ops.common.SIMULATE_ENV, backend)
+  ops.common.reset_served()
+  model = zoo.build(cfg, rngs=5)
+  graphdef, state = nnx.split(model)
+  out = jax.jit(lambda s, v: nnx.merge(graphdef, s)(v)[0])(state, x)
+  return out, ops.common.served()["dot_product_attention"]
+
+
+def test_query_tiles_reach_the_pallas_kernel_and_match_xla(monkeypatch):
+  # Per-tile retrieval lists (16, 16) blocks, so the simulated GPU dispatch serves every
+  # attention call with the Pallas kernel (interpreted) and it equals XLA on the same lists.
+  x = tokens(6, 1, 96)
+  got, record = _forward_on("gpu", _tiled(query_tile=16), x, monkeypatch)
+  assert record["served"] == {"pallas_gpu": record["served"]["pallas_gpu"]}, record
+  want, cpu = _forward_on(None, _tiled(query_tile=16), x, monkeypatch)
+  assert set(cpu["served"]) == {"xla"}
+  np.testing.assert_allclose(got, want, atol=ATOL)
+  # Per-token lists ((1, 16) blocks) are below the kernel's query tile: XLA serves them, and
+  # with top_k 1 per-token retrieval chooses other blocks than per-tile retrieval.
+  per_token, record = _forward_on("gpu", _tiled(query_tile=1), x, monkeypatch)
+  assert "pallas_gpu" in record["refused"] and record["served"].get("xla"), record
+  assert np.abs(np.asarray(per_token - want)).max() > 1e-4
+  # Tokens before the first committed block (p < sinks + window + block_size) retrieve nothing.
+  np.testing.assert_allclose(per_token[:, :33], want[:, :33], atol=ATOL)
+
+
+def test_query_tiles_with_full_retrieval_equal_per_token_retrieval(monkeypatch):
+  # When top_k covers every block, the tiles change nothing: the kernel with tiles of 16
+  # equals XLA with per-token retrieval (which equals token-by-token decode, above).
+  x = tokens(7, 1, 96)
+  got, record = _forward_on("gpu", _tiled(query_tile=16, top_k=8), x, monkeypatch)
+  assert set(record["served"]) == {"pallas_gpu"}, record
+  want, _ = _forward_on(None, _tiled(query_tile=1, top_k=8), x, monkeypatch)
+  np.testing.assert_allclose(got, want, atol=ATOL)

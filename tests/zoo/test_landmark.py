@@ -56,7 +56,8 @@ def test_grouped_softmax_definition():
 @pytest.mark.parametrize("top_k", [None, 2])
 def test_decode_matches_forward(top_k):
   # top_k=None: retrieval through block_indices over every block == dense grouped softmax.
-  model = zoo.build(landmark(top_k=top_k), rngs=1)
+  # Decode retrieves per token, so the forward does too here (query_tile 1).
+  model = zoo.build(landmark(top_k=top_k, query_tile=1), rngs=1)
   x = tokens(1, 2, 20)  # 7 blocks of 3 tokens + landmark
   fwd, step = jitted(model)
   full = fwd(x)
@@ -114,3 +115,54 @@ def test_trains_on_mqar_beyond_chance():
     cfg, train, evals, Budget(steps=200, batch_size=16, lr=3e-3, eval_examples=64)
   )
   assert out["accuracy"] > 3 * out["chance"]
+
+
+def _tiled(**kw):
+  # Blocks of 16 (15 tokens + landmark) and query tiles of 16: what the GPU kernel takes.
+  # 60 tokens: 4 blocks, so queries of the last block choose among 3 previous ones.
+  small = {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "n_layers": 1, "max_len": 64}
+  bb = zoo.config("transformer", "tiny", **small)
+  return zoo.config("landmark", "tiny", **{"backbone": bb, "block_size": 16, **kw})
+
+
+def _forward_on(backend, cfg, x, monkeypatch):
+  """The forward under the simulated ``backend`` (None: this CPU), and what served attention."""
+  import ops.common
+
+  if backend is None:
+    monkeypatch.delenv(ops.common.SIMULATE_ENV, raising=False)
+  else:
+    monkeypatch.setenv(ops.common.SIMULATE_ENV, backend)
+  ops.common.reset_served()
+  out = jitted(zoo.build(cfg, rngs=4))[0](x)
+  return out, ops.common.served().get("dot_product_attention")
+
+
+def test_query_tiles_reach_the_pallas_kernel_and_match_xla(monkeypatch):
+  # top_k 1 per tile of 16 queries: the own-block and retrieval calls are all served by the
+  # Pallas kernel (interpreted) under the simulated GPU and equal XLA with the same tiles.
+  x = tokens(5, 1, 60)
+  got, record = _forward_on("gpu", _tiled(top_k=1, query_tile=16), x, monkeypatch)
+  assert set(record["served"]) == {"pallas_gpu"}, record
+  want, cpu = _forward_on(None, _tiled(top_k=1, query_tile=16), x, monkeypatch)
+  assert set(cpu["served"]) == {"xla"}
+  np.testing.assert_allclose(got, want, atol=ATOL)
+  # Per-token retrieval (the dense grouped softmax) chooses other blocks for some queries.
+  per_token, _ = _forward_on(None, _tiled(top_k=1, query_tile=1), x, monkeypatch)
+  assert np.abs(np.asarray(per_token - want)).max() > 1e-4
+  # The first block has no previous block: retrieval does not touch it.
+  np.testing.assert_allclose(per_token[:, :15], want[:, :15], atol=ATOL)
+
+
+def test_query_tiles_covering_every_block_equal_dense(monkeypatch):
+  # top_k 3 covers every previous block: the kernel path equals the dense grouped softmax.
+  x = tokens(6, 1, 60)
+  got, record = _forward_on("gpu", _tiled(top_k=3, query_tile=16), x, monkeypatch)
+  assert set(record["served"]) == {"pallas_gpu"}, record
+  dense, _ = _forward_on(None, _tiled(), x, monkeypatch)
+  np.testing.assert_allclose(got, dense, atol=ATOL)
+
+
+def test_query_tile_must_divide_the_block():
+  with pytest.raises(ValueError, match="query_tile"):
+    _tiled(top_k=1, query_tile=5)

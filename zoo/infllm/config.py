@@ -33,6 +33,11 @@ class InfLLMConfig:
     refine: EM-LLM boundary refinement radius (tokens; 0 = none), by modularity of the key
       similarity graph.
     neighbours: temporally contiguous events retrieved on each side of every top-k event.
+    query_tile: queries of a step that share their retrieved blocks (InfLLM's chunked prefill;
+      fixed blocks on device). A one-token step (decode) retrieves per token; 1 retrieves per
+      token everywhere. The block-sparse Pallas kernels need query tiles of at least 16
+      (GPU: powers of two >= 16, TPU: multiples of 128 or the whole step), so smaller tiles
+      run the XLA attention; the default, the default ``chunk_size``, serves both.
   """
 
   family: Literal["infllm"] = "infllm"
@@ -51,6 +56,7 @@ class InfLLMConfig:
   min_event: int = 4
   refine: int = 0
   neighbours: int = 0
+  query_tile: int = 64
 
   def __post_init__(self):
     b = self.backbone
@@ -58,7 +64,7 @@ class InfLLMConfig:
       raise ValueError(
         f"vocab_size={self.vocab_size} differs from backbone.vocab_size={b.vocab_size}"
       )
-    for name in ("window", "block_size", "top_k", "n_repr", "chunk_size"):
+    for name in ("window", "block_size", "top_k", "n_repr", "chunk_size", "query_tile"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     for name in ("sinks", "refine", "neighbours"):

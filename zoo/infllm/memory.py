@@ -7,7 +7,15 @@ A query at position ``p`` sees four disjoint key sets, merged by their log-sum-e
 - memory blocks: tokens ``>= sinks`` that left the window are grouped, in order, into blocks
   of ``block_size``. A block is *committed* once all its tokens left the window; each query
   picks the ``top_k`` committed blocks whose representative keys score highest against it,
-  per KV head, and attends them through ``block_indices`` of ``ops.attention``;
+  per KV head, and attends them through ``block_indices`` of ``ops.attention``. A step of
+  several tokens retrieves per *query tile* of ``query_tile`` tokens, as InfLLM's chunked
+  prefill does: the tile's queries share the blocks chosen by the sum of their scores (the
+  score of the tile's mean query, up to a factor) among the blocks committed for the tile's
+  first query, so the attention call has query blocks of ``query_tile`` rows, which the
+  block-sparse Pallas kernels take (per-token lists, ``(1, block_size)`` blocks, are below
+  every kernel's query tile). A one-token step (decode) retrieves per token, as the paper
+  does, and ``query_tile=1`` keeps per-token retrieval everywhere. Within a tile the choice
+  of blocks depends on all its queries (never on their keys or values), as in InfLLM;
 - pending tokens: those that left the window but whose block is not yet committed.
 
 Everything outside the local window sits at one distance, ``window`` (InfLLM assigns memory
@@ -17,7 +25,7 @@ tokens by the attention they receive from their local window; the key centroid i
 training-free proxy that needs no stored queries).
 
 Because a token is equally visible whether pending or committed, decoding token by token and
-in chunks agree exactly whenever ``top_k`` covers every block.
+in chunks (any ``query_tile``) agree exactly whenever ``top_k`` covers every block.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ class BlockMemoryCache:
   top_k: int
   n_repr: int
   implementation: str | None = None
+  query_tile: int = 1
 
   @property
   def local(self) -> SinkCache:
@@ -98,8 +107,13 @@ class BlockMemoryCache:
     def at0(y):
       return rotate(y, jnp.zeros(y.shape[:2], jnp.int32))
 
-    # Committed blocks of query p: those whose last token is <= p - w.
-    committed = jnp.maximum(p - w + 1 - s, 0) // bs  # [B, t]
+    # Query tiles share their retrieval (a one-token step retrieves per token).
+    tile = 1 if t == 1 else self.query_tile
+    nt = -(-t // tile)
+    # Committed blocks of query p: those whose last token is <= p - w; a tile retrieves among
+    # those of its first query, and the rest of its queries see the newer ones as pending.
+    committed_tile = (jnp.maximum(p - w + 1 - s, 0) // bs)[:, ::tile]  # [B, nt]
+    committed = jnp.repeat(committed_tile, tile, axis=1)[:, :t]  # [B, t]
     # Initial tokens out of the window, plus pending memory tokens (slots in the last
     # bs + t - 1 positions before the window that are not in a committed block).
     n_pend = bs + t - 1
@@ -121,19 +135,22 @@ class BlockMemoryCache:
     o_g, lse_g = attend_dense(q_far, gk, gv, jnp.concatenate([sink_vis, pend_vis], -1), scale)
     o, lse = merge_pair(o, lse, o_g, lse_g)
 
-    # Retrieval: per query and KV head, the top_k committed blocks by representative score.
+    # Retrieval: per query tile and KV head, the top_k committed blocks by representative
+    # score summed over the tile's queries and the head's query group.
     kh = k.shape[2]
     qg = q.reshape(b, t, kh, h // kh, d).sum(3).astype(jnp.float32)
+    qg = jnp.pad(qg, ((0, 0), (0, nt * tile - t), (0, 0), (0, 0)))
+    qg = qg.reshape(b, nt, tile, kh, d).sum(2)
     score = jnp.einsum("btkd,bmrkd->btkm", qg, rep.astype(jnp.float32))
     score = jnp.where(
-      jnp.arange(m)[None, None, None, :] < committed[..., None, None], score, -jnp.inf
+      jnp.arange(m)[None, None, None, :] < committed_tile[..., None, None], score, -jnp.inf
     )
     n = min(self.top_k, m)
-    top, ids = jax.lax.top_k(score, n)  # [B, t, K, n]
+    top, ids = jax.lax.top_k(score, n)  # [B, nt, K, n]
     ids = jnp.where(jnp.isfinite(top), ids, -1).transpose(0, 2, 1, 3).astype(jnp.int32)
     o_r, lse_r = attn_ops.dot_product_attention(
       q_far, at0(mem_k).astype(q.dtype), mem_v.astype(q.dtype), mask=None, block_indices=ids,
-      block_size=(1, bs), scale=scale, return_lse=True, implementation=self.implementation,
+      block_size=(tile, bs), scale=scale, return_lse=True, implementation=self.implementation,
     )  # fmt: skip
     o, _ = merge_pair(o, lse, o_r, lse_r)
     return o.astype(q.dtype), new

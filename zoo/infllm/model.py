@@ -39,7 +39,9 @@ class InfLLM(ZooModel):
     c = config
     impl = c.backbone.attention_impl
     if c.segmentation == "fixed" and not c.offload and not c.neighbours:
-      self.policy = BlockMemoryCache(c.sinks, c.window, c.block_size, c.top_k, c.n_repr, impl)
+      self.policy = BlockMemoryCache(
+        c.sinks, c.window, c.block_size, c.top_k, c.n_repr, impl, query_tile=c.query_tile
+      )
     else:
       self.policy = EventMemoryCache(
         sinks=c.sinks, window=c.window, block_size=c.block_size, top_k=c.top_k,

@@ -5,7 +5,11 @@ block and the landmark keys of previous blocks; a landmark's probability is then
 its block's tokens by a softmax inside that block. So a previous block ``b`` contributes its
 within-block attention output ``o_b`` with log-weight ``q . landmark_b`` and the parts merge by
 log-sum-exp. At inference a query keeps only its ``top_k`` previous blocks by landmark score
-and attends to them through ``block_indices`` of ``ops.attention``.
+and attends to them through ``block_indices`` of ``ops.attention``: in the forward per query
+tile (``query_tile`` queries inside a block share their blocks, chosen by their summed landmark
+scores; :func:`tiled_grouped_attention`, which the block-sparse Pallas kernels serve), in
+decode per token, as the paper defines it (``query_tile=1`` retrieves per token in the forward
+too, through the dense :func:`grouped_attention`).
 
 The model runs on an internal stream with the landmarks inserted; logits are returned for the
 real tokens only. Decode feeds each token with a landmark behind it; the landmark only counts
@@ -73,6 +77,65 @@ def grouped_attention(q, k, v, block_size: int, top_k: int | None = None, segmen
   return jnp.moveaxis(o, 3, 1).reshape(b, n, h, d)
 
 
+def tiled_grouped_attention(q, k, v, block_size: int, top_k: int, query_tile: int, impl=None):
+  """:func:`grouped_attention` with ``top_k`` retrieval per query tile, through ``ops.attention``.
+
+  The queries of a tile (``query_tile`` rows, inside one block) share their previous blocks:
+  the ``top_k`` with the highest landmark score summed (by log-sum-exp) over the tile's queries
+  and the KV head's query group. Each query still weights a retrieved block by its own
+  landmark score. The own block is causal attention with the block index as segment id; each
+  retrieval slot is one block-sparse call listing one key block per query tile (landmark keys
+  hidden by segment id ``-1``), so ``(query_tile, block_size)`` blocks reach the Pallas
+  kernels where their tiles allow. With ``top_k`` covering every previous block this equals
+  :func:`grouped_attention`.
+
+  Args:
+    q: ``[B,N,H,Dh]`` rotated queries, ``N`` a multiple of ``block_size``.
+    k, v: ``[B,N,K,Dh]``.
+    block_size: block length including the landmark.
+    top_k: previous blocks retrieved per query tile and KV head.
+    query_tile: queries sharing a retrieval; divides ``block_size``.
+    impl: the attention implementation (None: by backend).
+
+  Returns:
+    ``o [B,N,H,Dh]`` float32.
+  """
+  b, n, h, d = q.shape
+  kh, bs = k.shape[2], block_size
+  nb, g, nt = n // bs, h // kh, n // query_tile
+  scale = d**-0.5
+  block = jnp.arange(n, dtype=jnp.int32) // bs
+  seg = jnp.broadcast_to(block, (b, n))
+  o_own, lse_own = attn_ops.dot_product_attention(
+    q, k, v, mask=attn_ops.Mask(causal=True), segment_ids=(seg, seg), scale=scale,
+    return_lse=True, implementation=impl,
+  )  # fmt: skip
+  qg = q.reshape(b, n, kh, g, d).astype(jnp.float32)
+  lm = jnp.einsum("bnkgd,bmkd->bnkgm", qg, k[:, bs - 1 :: bs].astype(jnp.float32)) * scale
+  lm = jnp.where(jnp.arange(nb) < block[None, :, None, None, None], lm, -jnp.inf)
+  # [B, nt, K, nb]: the tile's score of each block (every query of a tile has the same
+  # previous blocks, as the tile lies inside one block)
+  sel = jax.nn.logsumexp(lm.reshape(b, nt, query_tile, kh, g, nb), axis=(2, 4))
+  top, ids = jax.lax.top_k(sel, min(top_k, nb))  # [B, nt, K, n]
+  ids = jnp.where(jnp.isfinite(top), ids, -1).astype(jnp.int32)
+  per_query = jnp.repeat(ids, query_tile, axis=1)  # [B, N, K, n]
+  picked = jnp.take_along_axis(lm, jnp.maximum(per_query, 0)[:, :, :, None, :], axis=-1)
+  picked = jnp.where(per_query[:, :, :, None, :] >= 0, picked, -jnp.inf)  # [B, N, K, G, n]
+  kv_seg = jnp.broadcast_to(jnp.where(jnp.arange(n) % bs == bs - 1, -1, 0), (b, n))
+  q_seg = jnp.zeros((b, n), jnp.int32)
+  parts_o, parts_lse = [o_own.astype(jnp.float32)], [lse_own]
+  for slot in range(ids.shape[-1]):
+    o_b = attn_ops.dot_product_attention(
+      q, k, v, mask=None, segment_ids=(q_seg, kv_seg.astype(jnp.int32)),
+      block_indices=jnp.moveaxis(ids[..., slot : slot + 1], 2, 1), block_size=(query_tile, bs),
+      scale=scale, implementation=impl,
+    )  # fmt: skip
+    parts_o.append(o_b.astype(jnp.float32))
+    parts_lse.append(picked[..., slot].reshape(b, n, h))
+  o, _ = merge(jnp.stack(parts_o, 0), jnp.stack(parts_lse, 0), axis=0)
+  return o
+
+
 def _safe_softmax(s):
   """Softmax over the last axis; an all -inf row gives zeros (not NaN)."""
   m = jnp.max(s, -1, keepdims=True)
@@ -121,10 +184,16 @@ class Landmark(ZooModel):
     x = jnp.concatenate([x, lm], axis=2).reshape(b, nb * bs, -1)
     pos = jnp.broadcast_to(jnp.arange(nb * bs, dtype=jnp.int32), (b, nb * bs))
 
+    top_k, tile = self.config.top_k, self.config.query_tile or bs
+
     def attend(i, attn, h):
       q, k, v = attn.project(h)
       q, k = self._rotate(attn, q, pos), self._rotate(attn, k, pos)
-      return attn.out(grouped_attention(q, k, v, bs, self.config.top_k).astype(h.dtype))
+      if top_k is None or tile == 1:
+        o = grouped_attention(q, k, v, bs, top_k)
+      else:
+        o = tiled_grouped_attention(q, k, v, bs, top_k, tile, attn.implementation)
+      return attn.out(o.astype(h.dtype))
 
     h = forward_blocks(self.backbone, x, attend)
     h = h.reshape(b, nb, bs, -1)[:, :, :per].reshape(b, nb * per, -1)[:, :t]

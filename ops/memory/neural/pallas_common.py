@@ -135,6 +135,46 @@ def _grid_layout(cfg, q, k, v, theta, eta, alpha, gamma):
   return place(q, 0.0), place(k, 0.0), place(v, 0.0), coef, vecs, N
 
 
+# Per-program budget of the GPU kernel, in the measure of ``tests/ops/test_kernel_footprint.py``
+# (the tiles a program loads plus the values its loops carry): half of the 227 KiB of shared
+# memory one block may use on H100/H200, leaving the rest for the body's intermediates (``h``,
+# ``z``, ``d``, the ``[C,C]`` scores) and Triton's staging of dot operands.
+GPU_PROGRAM_BUDGET = 128 * 1024
+
+
+def gpu_program_bytes(depth, chunk, fdim, vdim, hidden, tile, residual=False):
+  """Bytes one GPU program loads and carries with ``tile`` hidden units (value columns)."""
+  C, F, V = chunk, fdim, vdim
+  floats = 2 * C * F + C * kern.NUM_VECS + C * C  # q, k, vecs, coef of the chunk
+  if depth == 1:
+    # per value tile: M0, W, U [F,tile] and v (q and k with residual) [C,tile]
+    floats += 3 * F * tile + C * tile * (3 if residual else 1)
+  else:
+    pair = F * tile + tile * V  # one tile of w1 and of w2
+    # v [C,V]; the error pass: M0's tiles and the [C,V] error; the read/update pass: M0, W, U
+    # tiles of both and the [C,V] output
+    floats += C * V + pair + C * V + 3 * pair + C * V
+  return 4 * floats
+
+
+def gpu_tile(depth, chunk, fdim, vdim, hidden, residual=False):
+  """The widest power-of-two tile (>= 16, dividing the tiled width) within the budget.
+
+  Raises:
+    NotSupportedError: not even a 16-wide tile fits.
+  """
+  width = vdim if depth == 1 else hidden
+  tile = width
+  while tile >= 16:
+    if gpu_program_bytes(depth, chunk, fdim, vdim, hidden, tile, residual) <= GPU_PROGRAM_BUDGET:
+      return tile
+    tile //= 2
+  raise NotSupportedError(
+    f"the GPU kernel exceeds {GPU_PROGRAM_BUDGET // 1024} KiB per program at "
+    f"C={chunk}, F={fdim}, V={vdim}, hidden={hidden} even with 16-wide tiles"
+  )
+
+
 def _call(cfg, q, k, v, coef, vecs, weights, momentum, m0, save_states):
   """The ``pallas_call``.
 
@@ -143,25 +183,19 @@ def _call(cfg, q, k, v, coef, vecs, weights, momentum, m0, save_states):
     ``(weights, momentum)`` entering every chunk, ``{name: [B,H,N,m,n]}``, with
     ``save_states``, else None.
   """
+  if cfg.platform == "gpu":
+    return _call_gpu(cfg, q, k, v, coef, vecs, weights, momentum, m0, save_states)
   B, H, Tp, F = q.shape
   V = v.shape[-1]
   C = cfg.chunk
   N = Tp // C
   depth = len(weights)
   keys = kern.DEPTH_NAMES[depth]
-  tpu = cfg.platform == "tpu"
-  if tpu:
-    grid = (B, H, N)
-    seq = lambda D: pl.BlockSpec((_SQ, _SQ, C, D), lambda b, h, n: (b, h, n, 0))
-    chunked = pl.BlockSpec((_SQ, _SQ, _SQ, C, C), lambda b, h, n: (b, h, n, 0, 0))
-    state = lambda s: pl.BlockSpec((_SQ, _SQ, *s), lambda b, h, n: (b, h, 0, 0))
-    states = lambda s: pl.BlockSpec((_SQ, _SQ, _SQ, *s), lambda b, h, n: (b, h, n, 0, 0))
-  else:
-    grid = (B, H)
-    seq = lambda D: pl.BlockSpec((_SQ, _SQ, Tp, D), lambda b, h: (b, h, 0, 0))
-    chunked = pl.BlockSpec((_SQ, _SQ, N, C, C), lambda b, h: (b, h, 0, 0, 0))
-    state = lambda s: pl.BlockSpec((_SQ, _SQ, *s), lambda b, h: (b, h, 0, 0))
-    states = lambda s: pl.BlockSpec((_SQ, _SQ, N, *s), lambda b, h: (b, h, 0, 0, 0))
+  grid = (B, H, N)
+  seq = lambda D: pl.BlockSpec((_SQ, _SQ, C, D), lambda b, h, n: (b, h, n, 0))
+  chunked = pl.BlockSpec((_SQ, _SQ, _SQ, C, C), lambda b, h, n: (b, h, n, 0, 0))
+  state = lambda s: pl.BlockSpec((_SQ, _SQ, *s), lambda b, h, n: (b, h, 0, 0))
+  states = lambda s: pl.BlockSpec((_SQ, _SQ, _SQ, *s), lambda b, h, n: (b, h, n, 0, 0))
 
   shapes = {name: weights[name].shape[-2:] for name in keys}
   ins = [("q", q, seq(F)), ("k", k, seq(F)), ("v", v, seq(V))]
@@ -180,15 +214,10 @@ def _call(cfg, q, k, v, coef, vecs, weights, momentum, m0, save_states):
       outs += [(f"{name}_{s}", shape, states(shapes[name])) for s in ("ms", "us")]
   names = [x[0] for x in ins] + [x[0] for x in outs]
   config = dict(depth=depth, num_chunks=N, activation=cfg.activation, residual=cfg.residual)
-  if tpu:
-    scratch = [pltpu.VMEM(shapes[name], f32) for name in keys for _ in range(3)]
-    names += [f"{name}_{s}" for name in keys for s in ("sw", "su", "sm0")]
-    kernel = functools.partial(kern.forward_kernel_tpu, names=tuple(names), **config)
-    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-  else:
-    scratch = []
-    kernel = functools.partial(kern.forward_kernel_gpu, names=tuple(names), chunk=C, **config)
-    params = plgpu.CompilerParams(num_warps=4, num_stages=1)
+  scratch = [pltpu.VMEM(shapes[name], f32) for name in keys for _ in range(3)]
+  names += [f"{name}_{s}" for name in keys for s in ("sw", "su", "sm0")]
+  kernel = functools.partial(kern.forward_kernel_tpu, names=tuple(names), **config)
+  params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
   results = pl.pallas_call(
     kernel,
     grid=grid,
@@ -203,6 +232,75 @@ def _call(cfg, q, k, v, coef, vecs, weights, momentum, m0, save_states):
   pick = lambda s: {name: r[f"{name}_{s}"] for name in keys}
   saved = (pick("ms"), pick("us")) if save_states else None
   return r["y"], pick("wt"), pick("ut"), pick("m0t"), saved
+
+
+def _call_gpu(cfg, q, k, v, coef, vecs, weights, momentum, m0, save_states):
+  """``_call`` for Triton: grid ``(B, H)``, the state in HBM buffers (``forward_kernel_gpu``).
+
+  The buffers are inputs aliased to outputs: the weights ``[B,H,3,m,n]`` start as
+  ``(W, NaN, M0)`` and the momentum ``[B,H,2,m,n]`` as ``(U, NaN)``; the NaN slot is written
+  by the first chunk before anything reads it, so a wrong slot shows up in every output.
+  After ``N`` chunks slot ``N % 2`` holds the final state and slot ``(N - 1) % 2`` (2 when
+  ``N == 1``) the last chunk's ``M0``.
+  """
+  B, H, Tp, F = q.shape
+  V = v.shape[-1]
+  C = cfg.chunk
+  N = Tp // C
+  depth = len(weights)
+  keys = kern.DEPTH_NAMES[depth]
+  hidden = weights["w1"].shape[-1] if depth == 2 else None
+  tile = gpu_tile(depth, C, F, V, hidden, cfg.residual)
+  seq = lambda D: pl.BlockSpec((_SQ, _SQ, Tp, D), lambda b, h: (b, h, 0, 0))
+  lead = lambda *s: pl.BlockSpec((_SQ, _SQ, *s), lambda b, h: (b, h) + (0,) * len(s))
+  shapes = {name: weights[name].shape[-2:] for name in keys}
+  nan = lambda x: jnp.full_like(x, jnp.nan)
+  ins = [("q", q, seq(F)), ("k", k, seq(F)), ("v", v, seq(V))]
+  ins += [("coef", coef, lead(N, C, C)), ("vecs", vecs, seq(kern.NUM_VECS))]
+  outs = [("y", jax.ShapeDtypeStruct((B, H, Tp, V), f32), seq(V))]
+  aliases = {}
+  for name in keys:
+    w, u = weights[name], momentum[name]
+    for s, init in (("wb", (w, nan(w), m0[name])), ("ub", (u, nan(u)))):
+      buf = jnp.stack(init, axis=2)
+      aliases[len(ins)] = len(outs)
+      ins.append((f"{name}_{s}", buf, lead(*buf.shape[2:])))
+      outs.append((f"{name}_{s}", jax.ShapeDtypeStruct(buf.shape, f32), lead(*buf.shape[2:])))
+  if save_states:
+    for name in keys:
+      shape = jax.ShapeDtypeStruct((B, H, N, *shapes[name]), f32)
+      outs += [(f"{name}_{s}", shape, lead(N, *shapes[name])) for s in ("ms", "us")]
+  # Inputs and outputs share a name for the aliased buffers; the kernel uses the output refs.
+  names = [f"in_{x[0]}" if i in aliases else x[0] for i, x in enumerate(ins)]
+  names += [x[0] for x in outs]
+  kernel = functools.partial(
+    kern.forward_kernel_gpu,
+    names=tuple(names),
+    depth=depth,
+    num_chunks=N,
+    chunk=C,
+    tile=tile,
+    activation=cfg.activation,
+    residual=cfg.residual,
+    barrier=not cfg.interpret,
+  )
+  results = pl.pallas_call(
+    kernel,
+    grid=(B, H),
+    in_specs=[x[2] for x in ins],
+    out_specs=[x[2] for x in outs],
+    out_shape=[x[1] for x in outs],
+    input_output_aliases=aliases,
+    compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+    interpret=_interpret(cfg),
+  )(*[x[1] for x in ins])
+  r = dict(zip([x[0] for x in outs], results, strict=True))
+  slot = lambda s, i: {name: r[f"{name}_{s}"][:, :, i] for name in keys}
+  saved = None
+  if save_states:
+    saved = tuple({name: r[f"{name}_{s}"] for name in keys} for s in ("ms", "us"))
+  m0_last = 2 if N == 1 else (N - 1) % 2
+  return r["y"], slot("wb", N % 2), slot("ub", N % 2), slot("wb", m0_last), saved
 
 
 def _forward(
@@ -318,6 +416,8 @@ def neural_memory_pallas(
   _check_supported(
     platform, chunk_size, offset, window, objective, optimizer, self_targets, F, V, hidden
   )
+  if platform == "gpu":
+    gpu_tile(1 if hidden is None else 2, chunk_size, F, V, hidden, bool(residual))
   cfg = Config(
     platform=platform,
     chunk=chunk_size,

@@ -17,8 +17,9 @@ in XLA (``pallas_common._coefficients``; ``coef [C,C]`` and the columns of ``vec
 chunk math is ``_chunk_step`` on loaded values; the bodies only load, call it and store. On
 TPU the chunk axis is an ``arbitrary`` grid axis with ``M``, ``U``, ``M0`` in VMEM scratch; on
 GPU every grid point is an independent program, so one program loops over the chunks with the
-weights in registers. Masks and column picks are iota comparisons and reductions, never dynamic
-indexing of values, which neither Mosaic nor Triton can do.
+weights in HBM, read and written in tiles of hidden units (``forward_kernel_gpu``) so that no
+program holds a whole weight matrix. Masks and column picks are iota comparisons and
+reductions, never dynamic indexing of values, which neither Mosaic nor Triton can do.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 f32 = jnp.float32
 # Full float32 matmuls: Triton's default is TF32 and Mosaic's may be bf16 passes, and errors in
@@ -202,52 +204,109 @@ def forward_kernel_tpu(*refs, names, depth, num_chunks, activation, residual):
       r[f"{name}_m0t"][...] = m0[name]
 
 
-def forward_kernel_gpu(*refs, names, depth, num_chunks, chunk, activation, residual):
-  """GPU, grid ``(B, H)``: one program loops over the chunks of one sequence.
+def _tile_index(name, j, tile):
+  """Index of hidden (depth 2) or value (depth 1) tile ``j`` of weight ``name`` ``[m,n]``.
+
+  ``w1 [F,Dh]`` and ``w [F,V]`` are tiled by columns, ``w2 [Dh,V]`` by rows.
+  """
+  span = pl.ds(pl.multiple_of(j * tile, tile), tile)
+  return (span, slice(None)) if name == "w2" else (slice(None), span)
+
+
+def forward_kernel_gpu(*refs, names, depth, num_chunks, chunk, tile, activation, residual, barrier):
+  """GPU, grid ``(B, H)``: one program walks the chunks of one sequence, the state in HBM.
 
   Refs as ``forward_kernel_tpu`` without scratch, with whole-sequence blocks (``q [T,F]``,
-  ``coef [N,C,C]``, ``{name}_ms [N,m,n]``, ...) that the loop slices chunk by chunk.
+  ``coef [N,C,C]``, ``{name}_ms [N,m,n]``, ...) that the loop slices chunk by chunk, and in
+  place of the carried matrices the state buffers (inputs aliased to outputs):
+  ``{name}_wb [3,m,n]`` (slots 0/1: the weights entering even/odd chunks, slot 2: the first
+  chunk's ``M0``) and ``{name}_ub [2,m,n]`` (the momentum, slots as the weights).
+
+  No program holds a whole weight matrix: chunk ``n`` reads slot ``n % 2`` and writes the
+  other one ``tile`` hidden units (depth 2) or value columns (depth 1) at a time, so a
+  program holds ``[C,*]`` tiles of the chunk, a few ``[F,tile]``/``[tile,V]`` weight tiles and
+  one ``[C,V]`` accumulator. Depth 1 is separable over value columns. Depth 2 is separable
+  over hidden units except for the error ``e = 2 (act(k W1_0) W2_0 - v)``, a sum over all
+  hidden units that every tile's ``d = act'(h) * (e W2_0^T)`` and second-layer update need:
+  a first pass over the tiles accumulates it, a second reads and updates tile by tile
+  (recomputing ``h`` for its tile) and accumulates ``y``, itself a sum over hidden units.
+  Reading one slot and writing the other keeps a chunk's reads and writes apart; ``barrier``
+  (a block-wide barrier, which also orders global memory within the block) separates a
+  chunk's writes from the next chunk's reads by other threads. The interpreter runs the
+  program sequentially and has no barrier primitive, so it runs without.
   """
   r = _refs(refs, names)
   keys = DEPTH_NAMES[depth]
+  # Depth 1 tiles w's value columns, depth 2 w1's columns (the hidden units).
+  num_tiles = r[f"{keys[0]}_wb"].shape[-1] // tile
 
   def body(n, carry):
-    weights, momentum = carry
+    src = jax.lax.rem(n, jnp.int32(2))
+    dst = 1 - src
+    m0_slot = jnp.where(n == 0, 2, src)
     rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
-    load = lambda name: r[name][rows, :].astype(f32)
-    # Only a first chunk entered mid-way has M0 != M; re-reading the (cached) input is cheaper
-    # than carrying a third set of matrices in registers.
-    m0 = {name: jnp.where(n == 0, r[f"{name}_m0"][...], weights[name]) for name in keys}
-    for name in keys:
+    load = lambda name, cols=slice(None): r[name][rows, cols].astype(f32)
+    q, k, vecs = load("q"), load("k"), load("vecs")
+    coef = r["coef"][n].astype(f32)
+    a, b = _column(vecs, A_COL), _column(vecs, B_COL)
+    a_end, b_end = _last(a), _last(b)
+    eta_end = _last(_column(vecs, ETA_COL))
+    last, mom = _column(vecs, LAST_COL), _column(vecs, MOM_COL)
+    scores = coef * _dot_nt(q, k)
+
+    def weights_tile(name, j):
+      idx = _tile_index(name, j, tile)
+      m0 = r[f"{name}_wb"][(m0_slot, *idx)]
+      w, u = r[f"{name}_wb"][(src, *idx)], r[f"{name}_ub"][(src, *idx)]
+      return idx, m0, w, u
+
+    def write(name, idx, w, u, left, right):
       if f"{name}_ms" in r:
-        r[f"{name}_ms"][n] = weights[name]
-        r[f"{name}_us"][n] = momentum[name]
-    y, weights_out, momentum_out = _chunk_step(
-      weights,
-      momentum,
-      m0,
-      load("q"),
-      load("k"),
-      load("v"),
-      r["coef"][n].astype(f32),
-      load("vecs"),
-      activation=activation,
-      residual=residual,
-    )
-    r["y"][rows, :] = y.astype(r["y"].dtype)
+        r[f"{name}_ms"][(n, *idx)] = w
+        r[f"{name}_us"][(n, *idx)] = u
+      r[f"{name}_wb"][(dst, *idx)] = a_end * w + b_end * u - _dot_tn(left, last * right)
+      r[f"{name}_ub"][(dst, *idx)] = eta_end * u - _dot_tn(left, mom * right)
 
-    @pl.when(n == num_chunks - 1)
-    def _():
-      for name in keys:
-        r[f"{name}_m0t"][...] = m0[name]
+    if depth == 1:
 
-    return weights_out, momentum_out
+      def column_tile(j, c):
+        idx, m0, w, u = weights_tile("w", j)
+        cols = idx[1]
+        err = _dot(k, m0) - load("v", cols)
+        err = 2.0 * (err + load("k", cols) if residual else err)
+        y = a * _dot(q, w) + b * _dot(q, u) - _dot(scores, err)
+        r["y"][rows, cols] = (y + load("q", cols) if residual else y).astype(r["y"].dtype)
+        write("w", idx, w, u, k, err)
+        return c
 
-  init = (
-    {name: r[f"{name}_w"][...] for name in keys},
-    {name: r[f"{name}_u"][...] for name in keys},
-  )
-  weights, momentum = jax.lax.fori_loop(0, num_chunks, body, init)
-  for name in keys:
-    r[f"{name}_wt"][...] = weights[name]
-    r[f"{name}_ut"][...] = momentum[name]
+      jax.lax.fori_loop(0, num_tiles, column_tile, 0)
+    else:
+
+      def error_tile(j, err):
+        _, m0_1, _, _ = weights_tile("w1", j)
+        _, m0_2, _, _ = weights_tile("w2", j)
+        z, _ = activation_and_derivative(activation, _dot(k, m0_1))
+        return err + _dot(z, m0_2)
+
+      err = jax.lax.fori_loop(0, num_tiles, error_tile, -load("v"))
+      err = 2.0 * (err + k if residual else err)
+
+      def hidden_tile(j, y):
+        idx1, m0_1, w1, u1 = weights_tile("w1", j)
+        idx2, m0_2, w2, u2 = weights_tile("w2", j)
+        z, dz = activation_and_derivative(activation, _dot(k, m0_1))
+        d = dz * _dot_nt(err, m0_2)
+        hq = a * _dot(q, w1) + b * _dot(q, u1) - _dot(scores, d)
+        zq, _ = activation_and_derivative(activation, hq)
+        y = y + a * _dot(zq, w2) + b * _dot(zq, u2) - _dot(coef * _dot_nt(zq, z), err)
+        write("w1", idx1, w1, u1, k, d)
+        write("w2", idx2, w2, u2, z, err)
+        return y
+
+      y = jax.lax.fori_loop(0, num_tiles, hidden_tile, q if residual else jnp.zeros_like(err))
+      r["y"][rows, :] = y.astype(r["y"].dtype)
+    if barrier:
+      plgpu.debug_barrier()
+    return carry
+
+  jax.lax.fori_loop(0, num_chunks, body, 0)
