@@ -233,6 +233,14 @@ def _train(exp: config_lib.Experiment, run_dir: Path, on_step) -> TrainResult:
   mesh = sharding.make_mesh(exp.mesh)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   plan = config_lib.stage_plan(exp)
+  planned = sum(st.steps for st in cfg.stages)
+  if cfg.stages and planned != cfg.steps:
+    log.warning(
+      "train.steps=%d but the stages add up to %d: %s",
+      cfg.steps,
+      planned,
+      "the run ends inside a stage" if cfg.steps < planned else "the last stage runs longer",
+    )
   for st in plan:
     if (st.exp.data.batch_size // cfg.grad_accum) % shards:
       raise config_lib.ConfigError(

@@ -230,14 +230,23 @@ def test_abf_switch_changes_exactly_the_rope_base(tmp_path):
         "train": {"steps": 2, "stages": [{"steps": 2, "rope_theta": 1e5}]},
       }
     )
-  with pytest.raises(ConfigError, match="stages sum to 6 steps"):
-    experiment(tmp_path, "sum", train={"steps": 7})
+  # train.steps is the run's length: a short run ends inside a stage, a long one extends the last.
+  spans = lambda steps: [
+    (s.start, s.end)
+    for s in config_lib.stage_plan(experiment(tmp_path, "n", train={"steps": steps}))
+  ]
+  assert spans(2) == [(0, 2)] and spans(4) == [(0, 3), (3, 4)] and spans(9) == [(0, 3), (3, 9)]
+  short = experiment(tmp_path, "short", train={"steps": 2})
+  assert config_lib.final_experiment(short).data.seq_len == 32
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("straight")
-  return tmp, train(experiment(tmp, "run", data={"mixture": MIX, "position_factor": 2}))
+  # Every step is kept, so the parameters at the stage boundary can be read back.
+  train_cfg = {"checkpoint_every": 1, "keep_checkpoints": 10}
+  exp = experiment(tmp, "run", train=train_cfg, data={"mixture": MIX, "position_factor": 2})
+  return exp, train(exp)
 
 
 def test_resume_across_stage_switch_equals_uninterrupted(straight, tmp_path):
@@ -271,26 +280,19 @@ def test_resume_across_stage_switch_equals_uninterrupted(straight, tmp_path):
   assert exp_loaded.data.seq_len == 64 and model.blocks[0].attn.rope_base == 500000.0
 
 
-def test_stage_switch_carries_parameters(straight, tmp_path):
+def test_stage_switch_carries_parameters(straight):
   """The first loss of stage 1 is the stage-1 model (new RoPE base) applied to the parameters
-  stage 0 ended with, on stage 1's first batch."""
-  tmp, done = straight
-  exp = experiment(tmp, "run", data={"mixture": MIX, "position_factor": 2})
-  stage0 = experiment(
-    tmp_path,
-    "stage0",
-    train={"steps": 3, "stages": []},
-    data={"mixture": MIX, "position_factor": 2},
-  )
-  first = train(stage0)
+  stage 0 ended with (the step-3 checkpoint), on stage 1's first batch."""
+  exp, done = straight
+  _, at_switch, _ = load_run(exp.run_dir, step=3)
+  params = nnx.state(at_switch, nnx.Param)
   plan = config_lib.stage_plan(exp)
   s1 = plan[1].exp
   data = loader.build(s1.data, vocab_size=260)
   batch = next(iter(loader.mixture_dataset(s1.data, data, 260, stage_seed(exp.seed, 1))))
   g1, _, r1 = build_model(s1)
-  expected = loss_of(g1, first.params, r1, batch)
   logged = {r["step"]: r["loss"] for r in done.history}
-  np.testing.assert_allclose(logged[4], expected, rtol=1e-5)
+  np.testing.assert_allclose(logged[4], loss_of(g1, params, r1, batch), rtol=1e-5)
   # With the stage-0 model (old base) the same loss differs: the switch took effect.
   g0, _, r0 = build_model(plan[0].exp)
-  assert abs(loss_of(g0, first.params, r0, batch) - logged[4]) > 1e-5
+  assert abs(loss_of(g0, params, r0, batch) - logged[4]) > 1e-5
