@@ -11,7 +11,7 @@ from flax import nnx
 from pipelines import config as config_lib
 from pipelines.config import DataConfig
 from pipelines.data import loader, mixture
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, InputError
 from pipelines.run import build_model, load_run
 from pipelines.train.checkpoint import Checkpointer
 from pipelines.train.loop import loss_fn, stage_seed, train
@@ -296,3 +296,18 @@ def test_stage_switch_carries_parameters(straight):
   # With the stage-0 model (old base) the same loss differs: the switch took effect.
   g0, _, r0 = build_model(plan[0].exp)
   assert abs(loss_of(g0, params, r0, batch) - logged[4]) > 1e-5
+
+
+def test_bad_mixture_sources_fail_with_one_clear_line():
+  cfg = DataConfig(source="stdlib", max_documents=20, seq_len=32, batch_size=2)
+  data = loader.build(cfg, vocab_size=260)
+  stream = (data.train.tokens, data.train.doc_ids)
+  build = lambda **kw: mixture.build_source(
+    config_lib.SourceConfig(**kw), cfg, stream, vocab_size=260, tokenizer=data.tokenizer, seed=0
+  )
+  with pytest.raises(InputError, match="unknown task 'mqr'.*did you mean 'mqar'"):
+    build(kind="task", task="mqr")
+  with pytest.raises(InputError, match="too few for one row"):
+    build(min_tokens=10**9)
+  with pytest.raises(ConfigError, match="weight must be > 0"):
+    config_lib.from_dict({"data": {"mixture": [{"weight": 0}]}})
