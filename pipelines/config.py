@@ -499,10 +499,12 @@ def _cross_checks(exp: Experiment) -> None:
   if exp.train.stages:
     # Every stage is checked, including those a short run never reaches.
     for i in range(len(exp.train.stages)):
+      stage_exp = stage_experiment(exp, i)  # its own errors name the stage
       try:
-        _checks(stage_experiment(exp, i))
+        _checks(stage_exp)
       except ConfigError as e:
-        raise ConfigError(f"train.stages[{i}]: {e}") from None
+        msg = str(e).removeprefix(f"{exp.source}: ")
+        raise ConfigError(f"{exp.source}: train.stages[{i}]: {msg}") from None
   else:
     _checks(exp)
 
