@@ -21,6 +21,59 @@ import yaml
 import zoo
 from pipelines.errors import ConfigError, InputError
 from zoo.configbase import closest, config_dataclass, field_names
+from zoo.layers.rope import RopeScaling
+
+TaskArg = int | float | str | bool | tuple[int, ...] | tuple[float, ...]
+
+
+@config_dataclass
+class SourceConfig:
+  """One source of a data mixture (``data.mixture``); see ``pipelines.data.mixture``.
+
+  Attributes:
+    kind: ``corpus`` (the documents of ``data.source``/``data.paths``, the held-out split left
+      out), ``text`` or ``jsonl`` (their own ``paths``), or ``task`` (a synthetic task stream
+      of ``pipelines.tasks``, one example per row).
+    weight: relative share of the mixture's rows (normalised over the sources).
+    name: a label for the run record (default: the kind and index).
+    paths, jsonl_field: the files of a ``text``/``jsonl`` source.
+    min_tokens, max_tokens: keep only documents of ``min_tokens <= tokens < max_tokens``
+      (0 = no bound): the corpus split by document length into long and short.
+    task, task_args: the task name (``memzoo`` task registry) and its parameters (``length`` is
+      the row length and is set by the loader).
+  """
+
+  kind: Literal["corpus", "text", "jsonl", "task"] = "corpus"
+  weight: float = 1.0
+  name: str = ""
+  paths: tuple[str, ...] = ()
+  jsonl_field: str = "text"
+  min_tokens: int = 0
+  max_tokens: int = 0
+  task: str = ""
+  task_args: dict[str, TaskArg] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if not (math.isfinite(self.weight) and self.weight > 0):
+      raise InputError(f"mixture weight must be > 0, got {self.weight}")
+    if self.min_tokens < 0 or self.max_tokens < 0:
+      raise InputError("mixture min_tokens and max_tokens must be >= 0 (0 = no bound)")
+    if self.max_tokens and self.max_tokens <= self.min_tokens:
+      raise InputError(
+        f"mixture max_tokens={self.max_tokens} must be above min_tokens={self.min_tokens}"
+      )
+    if self.kind in ("text", "jsonl") and not self.paths:
+      raise InputError(f"mixture source kind={self.kind!r} needs paths")
+    if self.kind == "task" and not self.task:
+      raise InputError("mixture source kind='task' needs task (a task name, e.g. mqar)")
+    if self.kind != "task" and (self.task or self.task_args):
+      raise InputError(f"task/task_args only apply to kind='task', not {self.kind!r}")
+    if "length" in self.task_args or "seed" in self.task_args:
+      raise InputError("task_args: length and seed are set by the loader (seq_len, run seed)")
+
+  @property
+  def label(self) -> str:
+    return self.name or (self.task if self.kind == "task" else self.kind)
 
 
 @config_dataclass
@@ -41,6 +94,13 @@ class DataConfig:
       ``tokenizer.model`` or a directory holding one, relative to the run directory unless
       absolute (``memzoo import-hf`` sets it to the model's own); see
       ``pipelines.data.hf_tokenizer``.
+    mixture: training sources with weights (:class:`SourceConfig`), mixed deterministically
+      from the seed; empty = ``source`` alone. Held-out data always comes from ``source``.
+    position_factor: position synthesis: rows of ``seq_len`` tokens get position ids spread
+      over ``position_factor * seq_len`` (1 = natural positions); see
+      ``pipelines.data.mixture.synthesize_positions``.
+    position_chunks: contiguous chunks per document whose positions keep distance 1 (gaps
+      are drawn between chunks).
   """
 
   source: Literal["stdlib", "text", "jsonl"] = "stdlib"
@@ -52,8 +112,15 @@ class DataConfig:
   max_documents: int = 0
   num_workers: int = 0
   tokenizer: str = "byte"
+  mixture: tuple[SourceConfig, ...] = ()
+  position_factor: float = 1.0
+  position_chunks: int = 2
 
   def __post_init__(self):
+    if not (math.isfinite(self.position_factor) and self.position_factor >= 1.0):
+      raise InputError(f"position_factor must be >= 1 (1 = off), got {self.position_factor}")
+    if self.position_chunks < 1:
+      raise InputError(f"position_chunks must be >= 1, got {self.position_chunks}")
     if not self.tokenizer:
       raise InputError("tokenizer must be 'byte' or a path to a tokenizer file")
     if self.seq_len < 2:
@@ -64,6 +131,41 @@ class DataConfig:
       raise InputError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
     if self.source != "stdlib" and not self.paths:
       raise InputError(f"source={self.source!r} needs paths")
+
+
+@config_dataclass
+class StageConfig:
+  """One stage of a curriculum (``train.stages``): its length in steps and what changes.
+
+  Unset fields (None) take the experiment's own value (``data.*``, ``model.rope_*``), so a
+  stage's settings never depend on the stage before it (resume can rebuild any stage alone).
+
+  Attributes:
+    steps: optimizer steps in this stage (``train.steps`` is the run's length: a shorter run
+      ends inside a stage, a longer one continues the last stage; see :func:`stage_plan`).
+    name: a label for the run record (default ``stage<i>``).
+    seq_len, batch_size: the stage's rows and rows per step (a new length recompiles the step).
+    mixture: the stage's ``data.mixture``.
+    position_factor: the stage's ``data.position_factor``.
+    rope_theta: the RoPE base of this stage (adjusted base frequency, ABF).
+    rope_scaling: the RoPE scaling of this stage (``linear`` for position interpolation,
+      ``yarn``, ...; see ``zoo.layers.rope.RopeScaling``).
+  """
+
+  steps: int
+  name: str = ""
+  seq_len: int | None = None
+  batch_size: int | None = None
+  mixture: tuple[SourceConfig, ...] | None = None
+  position_factor: float | None = None
+  rope_theta: float | None = None
+  rope_scaling: RopeScaling | None = None
+
+  def __post_init__(self):
+    if self.steps < 1:
+      raise InputError(f"a stage needs steps >= 1, got {self.steps}")
+    if self.rope_theta is not None and not (math.isfinite(self.rope_theta) and self.rope_theta > 1):
+      raise InputError(f"stage rope_theta must be > 1, got {self.rope_theta}")
 
 
 @config_dataclass
@@ -80,6 +182,8 @@ class TrainConfig:
     on_nonfinite: ``stop`` (raise, no checkpoint) or ``skip`` (drop the update).
     checkpoint_every / keep_checkpoints: Orbax checkpoint cadence and retention.
     log_every / eval_every / eval_batches: metrics cadence and held-out batches per eval.
+    stages: a curriculum (:class:`StageConfig`), switched inside one run at the right step;
+      empty = one stage of ``steps`` with the experiment's data and model settings.
   """
 
   steps: int = 200
@@ -101,6 +205,7 @@ class TrainConfig:
   eval_every: int = 100
   eval_batches: int = 4
   progress: bool = True
+  stages: tuple[StageConfig, ...] = ()
 
   @property
   def remat_policy(self) -> str | None:
@@ -280,7 +385,138 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Experiment:
   return exp
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """A stage of a run: steps ``start + 1 .. end`` train ``exp`` (its data and model config)."""
+
+  index: int
+  name: str
+  start: int
+  end: int
+  exp: Experiment
+
+  @property
+  def steps(self) -> int:
+    return self.end - self.start
+
+  def record(self) -> dict[str, Any]:
+    """What the run record says about this stage."""
+    d, m = self.exp.data, self.exp.model
+    return {
+      "stage": self.index,
+      "name": self.name,
+      "first_step": self.start + 1,
+      "last_step": self.end,
+      "seq_len": d.seq_len,
+      "batch_size": d.batch_size,
+      "position_factor": d.position_factor,
+      "mixture": [{"name": s.label, "kind": s.kind, "weight": s.weight} for s in d.mixture],
+      "rope_base": getattr(m, "rope_base", None),
+      "rope_scaling": _plain_config(getattr(m, "rope_scaling", None)),
+    }
+
+
+def _plain_config(cfg: Any) -> Any:
+  return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+
+
+def stage_experiment(exp: Experiment, index: int) -> Experiment:
+  """The experiment as stage ``index`` of ``train.stages`` trains it: the stage's data settings
+  and RoPE base/scaling applied; every other field unchanged (``exp`` itself without stages).
+
+  Raises:
+    ConfigError: the stage sets RoPE fields the model family does not have.
+  """
+  stages = exp.train.stages
+  if not stages:
+    if index != 0:
+      raise IndexError(f"an experiment without stages has only stage 0, not {index}")
+    return exp
+  st = stages[index]
+  data: dict[str, Any] = {}
+  for name in ("seq_len", "batch_size", "mixture", "position_factor"):
+    if getattr(st, name) is not None:
+      data[name] = getattr(st, name)
+  model: dict[str, Any] = {}
+  fields = field_names(exp.model)
+  for key, field in (("rope_theta", "rope_base"), ("rope_scaling", "rope_scaling")):
+    value = getattr(st, key)
+    if value is None:
+      continue
+    if field not in fields:
+      raise ConfigError(
+        f"{exp.source}: train.stages[{index}].{key}: model {exp.model.family!r} has no "
+        f"{field} to set"
+      )
+    model[field] = value
+  try:
+    return dataclasses.replace(
+      exp,
+      data=dataclasses.replace(exp.data, **data),
+      model=dataclasses.replace(exp.model, **model),
+    )
+  except (pydantic.ValidationError, TypeError, ValueError) as e:
+    raise ConfigError(f"{exp.source}: train.stages[{index}]: {e}") from None
+
+
+def stage_plan(exp: Experiment) -> list[Stage]:
+  """The stages the run trains, in order (one stage of ``train.steps`` when ``train.stages``
+  is empty).
+
+  ``train.steps`` is the run's length: stages are laid out by their ``steps``; a run shorter
+  than their sum ends inside a stage (later stages are not run; a smoke test of a curriculum),
+  a longer one continues the last stage to ``train.steps``.
+  """
+  total = exp.train.steps
+  if not exp.train.stages:
+    return [Stage(0, "stage0", 0, total, exp)]
+  out, start = [], 0
+  last = len(exp.train.stages) - 1
+  for i, st in enumerate(exp.train.stages):
+    if start >= total:
+      break
+    end = total if i == last else min(start + st.steps, total)
+    out.append(Stage(i, st.name or f"stage{i}", start, end, stage_experiment(exp, i)))
+    start = end
+  return out
+
+
+def stage_at(plan: list[Stage], step: int) -> Stage:
+  """The stage that trains step ``step`` (1-based; past the end: the last stage)."""
+  for stage in plan:
+    if step <= stage.end:
+      return stage
+  return plan[-1]
+
+
+def final_experiment(exp: Experiment) -> Experiment:
+  """The experiment as its last stage trains it: what the trained model is (its RoPE settings
+  and training length), for evaluation and extrapolation."""
+  return stage_plan(exp)[-1].exp
+
+
 def _cross_checks(exp: Experiment) -> None:
+  if exp.train.stages:
+    # Every stage is checked, including those a short run never reaches.
+    for i in range(len(exp.train.stages)):
+      stage_exp = stage_experiment(exp, i)  # its own errors name the stage
+      try:
+        _checks(stage_exp)
+      except ConfigError as e:
+        msg = str(e).removeprefix(f"{exp.source}: ")
+        raise ConfigError(f"{exp.source}: train.stages[{i}]: {msg}") from None
+  else:
+    _checks(exp)
+
+
+def _checks(exp: Experiment) -> None:
+  if exp.data.position_factor > 1:
+    cls = zoo.model_class(exp.model.family)
+    if not getattr(cls, "accepts_positions", False):
+      raise ConfigError(
+        f"{exp.source}: data.position_factor={exp.data.position_factor}: model "
+        f"{exp.model.family!r} does not take position ids (set position_factor: 1)"
+      )
   if exp.data.batch_size % exp.train.grad_accum:
     raise ConfigError(
       f"{exp.source}: train.grad_accum={exp.train.grad_accum} must divide "

@@ -29,11 +29,13 @@ def build_model(
 
 
 def load_run(run_dir: str | Path, step: int | None = None):
-  """(experiment, model with trained parameters, step) of a run directory."""
+  """(experiment, model with trained parameters, step) of a run directory; for a curriculum
+  (``train.stages``) the experiment as its last stage trains it."""
   run_dir = Path(run_dir)
   if not (run_dir / "config.yaml").is_file():
     raise MissingFileError(f"{run_dir} is not a run directory (no config.yaml)")
-  exp = config_lib.load(run_dir / "config.yaml")
+  # A curriculum's model is its last stage's (its RoPE settings and training length).
+  exp = config_lib.final_experiment(config_lib.load(run_dir / "config.yaml"))
   graphdef, params, rest = build_model(exp)
   ckpt = Checkpointer(run_dir, async_save=False)
   try:

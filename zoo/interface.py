@@ -35,6 +35,8 @@ class LanguageModel(Protocol):
     with the sequence, a KV cache).
   - ``accepts_segment_ids``: whether packed rows are read as separate documents. False: the
     family is defined on one stream per row and the loader must not pack.
+  - ``accepts_positions``: whether ``model(tokens, segment_ids, positions=[B,T] int32)`` takes
+    explicit position ids (training with synthesized positions); False for the others.
   - ``max_len``: the longest sequence the model is built for; ``unbounded_decode``: ``step``
     may run past it (constant-size decode state).
   - ``model.release_state(state)``: frees what a decode state holds off device (InfLLM's
@@ -65,6 +67,7 @@ class ZooModel(nnx.Module):
   """Base of every family's model: the contract's defaults."""
 
   accepts_segment_ids: ClassVar[bool] = True
+  accepts_positions: ClassVar[bool] = False
   config: Any
 
   def state_size(self) -> int | None:

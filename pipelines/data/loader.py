@@ -11,6 +11,7 @@ import numpy as np
 
 from pipelines.config import DataConfig
 from pipelines.data import corpus as corpora
+from pipelines.data import mixture
 from pipelines.data.packing import PackedSequences, check_vocab, pack, unigram_bits_per_byte
 from pipelines.data.tokenizer import ByteTokenizer
 from pipelines.errors import InputError
@@ -75,10 +76,50 @@ def train_dataset(source: PackedSequences, batch_size: int, seed: int) -> grain.
 
   The order depends only on ``seed``; the iterator's ``get_state()`` is saved with checkpoints.
   """
+  return _batched(grain.MapDataset.source(source).shuffle(seed=seed).repeat(), batch_size)
+
+
+def with_seq_len(source: PackedSequences, seq_len: int) -> PackedSequences:
+  """The same token stream cut into rows of ``seq_len`` (a curriculum stage's length)."""
+  if source.seq_len == seq_len:
+    return source
+  return PackedSequences(source.tokens, source.doc_ids, seq_len, source.single_stream)
+
+
+def mixture_dataset(
+  cfg: DataConfig, data: Data, vocab_size: int, seed: int, single_stream: bool = False
+) -> grain.IterDataset:
+  """The training stream of ``cfg`` (one stage's data settings): ``data.mixture`` when set,
+  else ``data.train`` alone, at ``cfg.seq_len``, with synthesized positions when
+  ``cfg.position_factor > 1``; batched like :func:`train_dataset` (which it equals without a
+  mixture or position synthesis)."""
+  train = with_seq_len(data.train, cfg.seq_len)
+  if not cfg.mixture:
+    ds = grain.MapDataset.source(train).shuffle(seed=seed).repeat()
+  else:
+    stream = (data.train.tokens, data.train.doc_ids)
+    sources = [
+      mixture.build_source(
+        src,
+        cfg,
+        stream,
+        vocab_size=vocab_size,
+        tokenizer=data.tokenizer,
+        seed=mixture.source_seed(seed, i),
+        single_stream=single_stream,
+      )
+      for i, src in enumerate(cfg.mixture)
+    ]
+    ds = mixture.mix(sources, [s.weight for s in cfg.mixture], seed)
+  if cfg.position_factor > 1:
+    ds = mixture.with_positions(ds, cfg.position_factor, cfg.position_chunks, seed)
+  return _batched(ds, cfg.batch_size)
+
+
+def _batched(ds: grain.MapDataset, batch_size: int) -> grain.IterDataset:
   n_proc, proc = jax.process_count(), jax.process_index()
   if batch_size % n_proc:
     raise InputError(f"data.batch_size={batch_size} must be divisible by {n_proc} processes")
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   ds = ds.batch(batch_size, drop_remainder=True)
   if n_proc > 1:
     ds = ds.map(lambda b: {k: v[proc::n_proc] for k, v in b.items()})

@@ -208,7 +208,8 @@ def run(
     raise MissingFileError(f"{run_dir} is not a run directory (no config.yaml)")
   if not factors or min(factors) <= 0:
     raise InputError(f"factors must be positive, got {factors}")
-  exp = config_lib.load(run_dir / "config.yaml")
+  # A curriculum is measured as its last stage left it (its length, its RoPE settings).
+  exp = config_lib.final_experiment(config_lib.load(run_dir / "config.yaml"))
   train_len = exp.data.seq_len
   lengths = sorted({int(train_len * f) for f in factors})
   max_len = lengths[-1]

@@ -50,7 +50,12 @@ class TrainResult:
 def loss_fn(graphdef, params, rest, batch):
   """Mean next-token cross-entropy over ``loss_mask``; returns (loss, (sum_nats, count))."""
   model = nnx.merge(graphdef, params, rest)
-  if model.accepts_segment_ids:
+  if "positions" in batch:
+    # Synthesized position ids (``data.position_factor``; only families that take them).
+    logits, _ = model(
+      batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"]
+    )
+  elif model.accepts_segment_ids:
     logits, _ = model(batch["inputs"], segment_ids=batch["segment_ids"])
   else:
     # Families defined on one stream (no memory reset at document starts) are fed one
@@ -227,25 +232,35 @@ def _train(exp: config_lib.Experiment, run_dir: Path, on_step) -> TrainResult:
   # Model, optimizer and mesh.
   mesh = sharding.make_mesh(exp.mesh)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if (exp.data.batch_size // cfg.grad_accum) % shards:
-    raise config_lib.ConfigError(
-      f"{exp.source}: data.batch_size={exp.data.batch_size} / train.grad_accum={cfg.grad_accum} "
-      f"must be divisible by the mesh's data x fsdp = {shards} devices (set mesh.data)"
+  plan = config_lib.stage_plan(exp)
+  planned = sum(st.steps for st in cfg.stages)
+  if cfg.stages and planned != cfg.steps:
+    log.warning(
+      "train.steps=%d but the stages add up to %d: %s",
+      cfg.steps,
+      planned,
+      "the run ends inside a stage" if cfg.steps < planned else "the last stage runs longer",
     )
-  # Parameters are created already sharded: no device ever holds the whole model.
+  for st in plan:
+    if (st.exp.data.batch_size // cfg.grad_accum) % shards:
+      raise config_lib.ConfigError(
+        f"{exp.source}: data.batch_size={st.exp.data.batch_size} / train.grad_accum="
+        f"{cfg.grad_accum} must be divisible by the mesh's data x fsdp = {shards} devices "
+        "(set mesh.data)"
+      )
+  # Parameters are created already sharded: no device ever holds the whole model. Stages
+  # differ only in settings outside the parameters (RoPE base/scaling), so the parameters
+  # and optimizer state carry over from one stage to the next.
   graphdef, params, rest = sharding.create_sharded(
-    lambda: build_model(exp, cfg.compute_dtype, cfg.remat_policy), mesh
+    lambda: build_model(plan[0].exp, cfg.compute_dtype, cfg.remat_policy), mesh
   )
   tx = optimizer(cfg)
   opt_state = sharding.place_state(tx.init(params), mesh)
-  train_step = make_train_step(graphdef, rest, tx, cfg, mesh)
-  eval_step = make_eval_step(graphdef, rest, mesh)
   put = lambda b: sharding.shard_batch(b, mesh)
 
   # Resume: parameters, optimizer and data iterator come back together.
   ckpt = Checkpointer(run_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
-  it = iter(loader.train_dataset(data.train, exp.data.batch_size, exp.seed))
-  start = 0
+  start, data_state = 0, None
   if ckpt.latest_step() is not None:
     # A step that fails its checksums or holds NaN is moved aside (this run holds the lock), so
     # the run goes on from the previous one and can save that step number again. An imported
@@ -259,14 +274,43 @@ def _train(exp: config_lib.Experiment, run_dir: Path, on_step) -> TrainResult:
       params = state["params"]
       if "opt" in state:
         opt_state = sharding.place_state(state["opt"], mesh)
-      if data_state is not None:
-        it.set_state(data_state)
+
+  def enter(stage: config_lib.Stage, saved: dict | None):
+    """The step functions, data iterator and held-out batches of ``stage``; ``saved``: the
+    checkpoint's data state (used when it belongs to this stage)."""
+    sexp = stage.exp
+    if stage.index == plan[0].index:
+      g, r = graphdef, rest
+    else:
+      # A new RoPE base/scaling is a new graph definition; fresh parameters are dropped.
+      g, _, r = sharding.create_sharded(
+        lambda: build_model(sexp, cfg.compute_dtype, cfg.remat_policy), mesh
+      )
+    iterator = iter(
+      loader.mixture_dataset(
+        sexp.data, data, sexp.model.vocab_size, stage_seed(exp.seed, stage.index), single_stream
+      )
+    )
+    state = _stage_state(saved, stage.index)
+    if state is not None:
+      iterator.set_state(state)
+    held = loader.heldout_batches(
+      loader.with_seq_len(data.heldout, sexp.data.seq_len),
+      sexp.data.batch_size,
+      max(cfg.eval_batches, 1),
+    )
+    return g, make_train_step(g, r, tx, cfg, mesh), make_eval_step(g, r, mesh), iterator, held
+
+  stage = config_lib.stage_at(plan, start + 1)
+  stage_graphdef, train_step, eval_step, it, heldout = enter(stage, data_state)
+  stages_record = _StagesRecord(run_dir, plan, primary)
+  if start < cfg.steps:
+    stages_record.entered(stage, start + 1, resumed=start > 0)
   # Every process sees the same (global) metrics; one writes them.
   if primary:
     metrics_out = MetricsWriter(run_dir, resume_step=start)
   else:
     metrics_out = _NoMetrics()
-  heldout = loader.heldout_batches(data.heldout, exp.data.batch_size, max(cfg.eval_batches, 1))
 
   lr_at = schedule(cfg)
   history: list[dict[str, Any]] = []
@@ -284,6 +328,11 @@ def _train(exp: config_lib.Experiment, run_dir: Path, on_step) -> TrainResult:
   ops.common.reset_served()
   try:
     for step in range(start + 1, cfg.steps + 1):
+      if step > stage.end:
+        # A stage switch: new length/batch/mixture and RoPE settings; same parameters.
+        stage = config_lib.stage_at(plan, step)
+        stage_graphdef, train_step, eval_step, it, heldout = enter(stage, None)
+        stages_record.entered(stage, step, resumed=False)
       batch = next(it)
       params, opt_state, m = train_step(params, opt_state, put(batch))
       if step == start + 1:
@@ -307,6 +356,8 @@ def _train(exp: config_lib.Experiment, run_dir: Path, on_step) -> TrainResult:
           "tokens_per_s": float(last_tokens) / max(now - last_time, 1e-9),
           "skipped_steps": int(skipped),
         }
+        if len(plan) > 1:
+          record.update(stage=stage.index, seq_len=stage.exp.data.seq_len)
         last_time, last_tokens = now, jnp.zeros(())
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
       if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -325,7 +376,7 @@ def _train(exp: config_lib.Experiment, run_dir: Path, on_step) -> TrainResult:
         ckpt.save(
           step,
           {"params": params, "opt": opt_state},
-          it.get_state(),
+          {"stage": stage.index, "iterator": it.get_state()},
           {"step": step, "model": exp.model.family},
         )
       ckpt.poll()
@@ -337,7 +388,48 @@ def _train(exp: config_lib.Experiment, run_dir: Path, on_step) -> TrainResult:
     ckpt.close()
     metrics_out.close()
   write_implementations(run_dir)  # now with the evaluation step's ops too
-  return TrainResult(cfg.steps, params, graphdef, history, run_dir)
+  return TrainResult(cfg.steps, params, stage_graphdef, history, run_dir)
+
+
+def stage_seed(seed: int, index: int) -> int:
+  """The data seed of stage ``index`` (stage 0 reads the run seed's order)."""
+  return seed if index == 0 else int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def _stage_state(saved: dict | None, index: int) -> dict | None:
+  """The iterator state of stage ``index`` from a checkpoint's data state, or None (the stage
+  starts fresh). Checkpoints written before curricula hold the stage-0 state itself."""
+  if not saved:
+    return None
+  if "iterator" not in saved:
+    return saved if index == 0 else None
+  return saved["iterator"] if saved.get("stage") == index else None
+
+
+STAGES_FILE = "stages.json"
+
+
+class _StagesRecord:
+  """``stages.json``: the run's stage plan and, for each time a stage began (or a resumed run
+  went on inside it), the step and wall time."""
+
+  def __init__(self, run_dir: Path, plan: list[config_lib.Stage], primary: bool):
+    self.path = Path(run_dir) / STAGES_FILE
+    self.primary = primary
+    events = []
+    if primary and self.path.is_file():
+      try:
+        events = json.loads(self.path.read_text()).get("events", [])
+      except (OSError, ValueError):
+        events = []
+    self.body = {"stages": [st.record() for st in plan], "events": events}
+
+  def entered(self, stage: config_lib.Stage, step: int, resumed: bool) -> None:
+    event = {"stage": stage.index, "name": stage.name, "step": step, "resumed": resumed}
+    log.info("stage %d (%s) from step %d", stage.index, stage.name, step)
+    self.body["events"].append({**event, "time": time.time()})
+    if self.primary:
+      rundir.atomic_write_text(self.path, json.dumps(self.body, indent=2) + "\n")
 
 
 class _NoMetrics:

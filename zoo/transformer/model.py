@@ -61,6 +61,8 @@ class Block(RematBlock, nnx.Module):
 class Transformer(TokenEmbedding, ZooModel):
   """``logits, aux = model(tokens [B,T])``; decode with ``init_state`` / ``step``."""
 
+  accepts_positions = True
+
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     c = config
     self.config = c
