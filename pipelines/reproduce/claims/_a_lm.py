@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -137,6 +139,8 @@ def finetune_lm(
   data = loader.build(data_cfg, vocab_size=cfg.vocab_size)
   it = iter(loader.train_dataset(data.train, batch_size, seed))
   graphdef, params, rest = nnx.split(tuned, nnx.Param, ...)
+  # The train step donates its parameters: train a copy, never the trained model's buffers.
+  params = jax.tree.map(jnp.copy, params)
   tx = optimizer(train_cfg)
   opt_state = tx.init(params)
   step = make_train_step(graphdef, rest, tx, train_cfg)
