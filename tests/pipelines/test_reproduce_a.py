@@ -50,6 +50,7 @@ def test_streaming_llm_tiny(tmp_path):
   assert np.abs(curves["window"][c:] - curves["full"][c:]).max() > 1e-3
 
 
+@pytest.mark.slow  # over a minute on 2 cores: tiny still trains and finetunes a LM
 def test_rope_scaling_tiny(tmp_path):
   d = _run("rope_scaling", tmp_path)["data"]
   assert d["lengths"] == [2 * d["train_len"], 4 * d["train_len"], 8 * d["train_len"]]
@@ -66,6 +67,7 @@ def test_rope_scaling_tiny(tmp_path):
   assert d["best_after_finetune"] in ("none", "linear", "ntk", "yarn")
 
 
+@pytest.mark.slow  # trains a passkey model and a landmark model
 def test_landmark_tiny(tmp_path):
   d = _run("landmark", tmp_path)["data"]
   assert d["eval_len"] == 8 * d["train_len"]
