@@ -104,9 +104,15 @@ def test_titans_tiny(tmp_path):
 
 
 @pytest.mark.slow
-def test_infllm_small_holds(tmp_path):
+def test_infllm_small_beats_plain_at_8x_but_below_the_floor(tmp_path):
+  # Reported in docs/reproductions/infllm: the plain transformer retrieves at L (0.96) and not
+  # at 8x (0.00); InfLLM on the same weights stays near 0.3 at every length (0.29 at 8x), above
+  # plain at 8x but under the claim's floor of 0.5.
   rec = _small("infllm", tmp_path)
-  assert rec["holds"], rec["measured"]
+  acc = rec["data"]["accuracy"]
+  assert not rec["holds"]
+  assert acc["none"][0] > 0.8 and acc["none"][-1] < 0.1
+  assert acc["infllm"][-1] > acc["none"][-1] + 0.15 and acc["infllm"][-1] < 0.5
 
 
 @pytest.mark.slow
