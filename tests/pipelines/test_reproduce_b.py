@@ -137,3 +137,15 @@ def test_zoology_small_rises_with_state_but_based_not_above_at_the_small_size(tm
   based = {str(p["state"]): p["accuracy"] for p in data["curves"]["based"]}
   assert based[small] < data["linear_at_based_state"][small]
   assert abs(based[large] - data["linear_at_based_state"][large]) < 0.15
+
+
+@pytest.mark.slow
+def test_titans_small_mac_retrieves_at_l_but_not_past_it(tmp_path):
+  # Reported in docs/reproductions/titans (300 steps): the sliding-window transformer never
+  # retrieves (its window is shorter than the question); MAC does at L (0.30) but falls to
+  # 0.05 at 2x and 0.00 at 4x L.
+  rec = _small("titans", tmp_path)
+  acc = rec["data"]["accuracy"]
+  assert not rec["holds"]
+  assert max(acc["sliding window"]) < 0.05
+  assert acc["MAC"][0] > 0.15 and acc["MAC"][0] > acc["MAC"][1] >= acc["MAC"][2]
