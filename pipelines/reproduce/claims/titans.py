@@ -106,5 +106,5 @@ CLAIM = Claim(
     f"transformer with MAC's segment as window cannot (MAC >= window + {MARGIN} at 2x and 4x L)"
   ),
   run=run,
-  minutes=10.0,
+  minutes=8.0,
 )
