@@ -50,6 +50,8 @@ def test_interleave_alternates_its_sources():
     Interleave([a, get_task("set_disjointness", length=32, small_size=2, large_size=6)])
 
 
+# ~54 s on 2 shared cores (compiles for every model and length): in the slow set.
+@pytest.mark.slow
 def test_infllm_tiny(tmp_path):
   data = _tiny("infllm", tmp_path)
   assert data["lengths"] == [data["train_len"], 2 * data["train_len"]]
@@ -94,6 +96,8 @@ def test_zoology_interpolates_linear_attention_in_log_state():
   assert interpolate(cv, 10) == pytest.approx(0.3)  # held at the ends
 
 
+# ~110 s on 2 shared cores (compiles for every model and length): in the slow set.
+@pytest.mark.slow
 def test_titans_tiny(tmp_path):
   data = _tiny("titans", tmp_path)
   assert data["lengths"] == [data["train_len"] * f for f in (1, 2, 4)]
