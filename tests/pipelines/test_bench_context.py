@@ -72,3 +72,26 @@ def test_bad_input_is_one_line(capsys):
   assert len(err) == 1 and "--budget-gib" in err[0]
   assert cli.main(["bench", "context", "no_such_recipe", "--devices", "1"]) == 2
   assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_check_refits_a_curve_the_short_lengths_hide(monkeypatch):
+  # Affine at the short lengths, with a T^2 term that only shows at long ones.
+  a, b, c = 5.0e8, 9.0e4, 1.6e-2
+  curve = lambda t: a + b * t + c * t * t  # noqa: E731
+  monkeypatch.setattr(
+    bench,
+    "step_memory",
+    lambda spec, t, policy, devices, context: {"bytes": curve(t), "compile_s": 0},
+  )
+  short = (2048, 8192)
+  fit = bench.fit_curve(short, [curve(t) for t in short])
+  assert fit.kind == "affine"
+  row = {"lengths": list(short), "bytes": [curve(t) for t in short], "context": 1, "policy": "full"}
+  row["fit"] = {"kind": fit.kind, "a": fit.a, "b": fit.b, "c": fit.c}
+  row["longest_T"] = bench.longest_length(fit, BUDGET, 1024)
+  bench._check(row, "unused", 1, BUDGET)
+  first, last = row["checks"][0], row["checks"][-1]
+  assert not first["fits"]  # the affine prediction is over the budget when compiled
+  assert last["fits"] and row["verified"] and row["fit"]["kind"] == "quadratic"
+  exact = (-b + math.sqrt(b * b - 4 * c * (a - BUDGET))) / (2 * c)
+  assert exact - 2 * 1024 < row["longest_T"] <= exact
