@@ -5,7 +5,7 @@ memzoo eval RUN [--suite NAME]              held-out perplexity, synthetic tasks
 memzoo extrapolate RUN [--factors ...]      loss by position/length, passkey grids, RoPE variants
 memzoo demo [RECIPE] [key=value ...]        transformer vs a memory model, extrapolated
 memzoo report RUN                           (re)write RUN/report.md
-memzoo bench attention|memory|model         kernel and model speed/memory tables
+memzoo bench attention|memory|model|context kernel/model speed and memory; longest trainable T
 memzoo doctor [--only NAME] [--out FILE]    check and time every kernel on this backend
 memzoo models                               list registered model families and presets
 memzoo check RECIPE [key=value ...]         validate a config and print it resolved
@@ -155,6 +155,8 @@ def _bench(args) -> int:
     from pipelines.bench import memory as bench
   elif args.what == "model":
     from pipelines.bench import model as bench
+  elif args.what == "context":
+    from pipelines.bench import context as bench
   else:
     raise ConfigError(f"unknown benchmark {args.what!r}")
   rows = bench.run_cli(args.rest)
@@ -301,7 +303,7 @@ def parser() -> argparse.ArgumentParser:
   m = sub.add_parser("models", help="list model families")
   m.set_defaults(fn=_models)
   b = sub.add_parser("bench", help="kernel benchmarks")
-  b.add_argument("what", choices=["attention", "memory", "model"])
+  b.add_argument("what", choices=["attention", "memory", "model", "context"])
   b.add_argument("rest", nargs=argparse.REMAINDER)
   b.set_defaults(fn=_bench)
   ex = sub.add_parser("export", help="export a run: safetensors, hf or stablehlo")
