@@ -50,6 +50,7 @@ def test_affine_noise_does_not_make_a_quadratic_and_edge_cases():
   assert bench.longest_length(bench.Fit("affine", 1e9, 0.0), BUDGET) is None
 
 
+@pytest.mark.slow  # over 20 s on 2 cores (compiles several steps)
 def test_remat_and_context_sharding_lower_the_step_memory():
   if jax.device_count() < 2:
     pytest.skip("needs 2 (simulated) devices; tests/conftest.py sets 8")

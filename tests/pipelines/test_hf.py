@@ -246,7 +246,16 @@ METHODS = {
   "infllm": (
     "zoo.infllm",
     {"sinks": 4, "window": 16, "block_size": 4, "top_k": 1, "n_repr": 2, "chunk_size": 8},
-    {"sinks": 2, "window": 4, "block_size": 4, "top_k": 1, "n_repr": 2, "chunk_size": 4},
+    # Per-token retrieval (query_tile=1, the decode form): the eviction this case checks.
+    {
+      "sinks": 2,
+      "window": 4,
+      "block_size": 4,
+      "top_k": 1,
+      "n_repr": 2,
+      "chunk_size": 4,
+      "query_tile": 1,
+    },
   ),
   "duo": (
     "zoo.duo",

@@ -35,6 +35,7 @@ def test_claims_are_registered():
     assert name in names and names[name].minutes > 0
 
 
+@pytest.mark.slow  # over 20 s on 2 cores (compiles several steps)
 def test_streaming_llm_tiny(tmp_path):
   d = _run("streaming_llm", tmp_path)["data"]
   n = d["stream_len"]

@@ -71,6 +71,7 @@ def test_jrt_tiny(tmp_path):
   assert _finite([data["first_loss"], data["last_loss"]])
 
 
+@pytest.mark.slow  # over 20 s on 2 cores (compiles several steps)
 def test_zoology_tiny(tmp_path):
   data = _tiny("zoology", tmp_path)
   assert set(data["curves"]) == {"based", "linear attention"}
