@@ -201,3 +201,16 @@ def passkey_transformer(settings: Any, length: int, max_len: int, progress: bool
     key=("passkey", length, PASSKEY_DIGITS),
     progress=progress,
   )
+
+
+def passkey_accuracy(model: nnx.Module, length: int, n: int, seed: int, batch_size: int) -> float:
+  """Exact-match passkey accuracy of ``model`` on ``n`` held-out examples of ``length`` tokens."""
+  from pipelines.tasks import evaluate as evaluate_task
+
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
+  _, src = passkey_sources(length, seed)
+  res = evaluate_task(
+    lambda x: forward(state, jnp.asarray(x)), src, n, batch_size=min(n, batch_size)
+  )
+  return float(res["accuracy"])

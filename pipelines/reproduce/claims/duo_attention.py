@@ -11,8 +11,6 @@ recent tokens. Controls: the other half as retrieval heads, and every head strea
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -21,7 +19,6 @@ from pipelines.evaluation import memories
 from pipelines.evaluation.generate import duo_gate_batches
 from pipelines.reproduce.claims import _a_lm
 from pipelines.reproduce.core import Claim, Outcome, Settings
-from pipelines.tasks import evaluate as evaluate_task
 from zoo.duo import from_transformer
 
 # Verdict thresholds, fixed in advance: the full model must solve the task (>= 0.5), Duo keeps
@@ -33,11 +30,7 @@ MAX_KV_RATIO = 0.7
 
 
 def _accuracy(model: nnx.Module, length: int, n: int, seed: int) -> float:
-  graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
-  _, src = _a_lm.passkey_sources(length, seed)
-  res = evaluate_task(lambda x: forward(state, jnp.asarray(x)), src, n, batch_size=min(n, 8))
-  return float(res["accuracy"])
+  return _a_lm.passkey_accuracy(model, length, n, seed, batch_size=8)
 
 
 def run(settings: Settings) -> Outcome:

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import zoo
 from pipelines.reproduce.claims import _a_lm
 from pipelines.reproduce.core import Claim, Outcome, Settings
-from pipelines.tasks import evaluate as evaluate_task
 from zoo.landmark.config import LandmarkConfig
 
 FACTOR = 8
@@ -31,11 +28,7 @@ MARGIN = 0.25
 
 
 def _accuracy(model: nnx.Module, length: int, n: int, seed: int) -> float:
-  graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
-  _, src = _a_lm.passkey_sources(length, seed)
-  res = evaluate_task(lambda x: forward(state, jnp.asarray(x)), src, n, batch_size=min(n, 4))
-  return float(res["accuracy"])
+  return _a_lm.passkey_accuracy(model, length, n, seed, batch_size=4)
 
 
 def run(settings: Settings) -> Outcome:
