@@ -29,6 +29,7 @@ from pathlib import Path
 from unittest import mock
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 import zoo
@@ -74,6 +75,22 @@ def fla_reinit(model: nnx.Module, cfg, key: jax.Array, *, convs: bool) -> list[s
   return changed
 
 
+def set_param(model: nnx.Module, name: str, value: float) -> int:
+  """Sets every parameter called ``name`` to ``value``; returns how many."""
+  hits = []
+
+  def put(path, x):
+    if [_key_name(k) for k in path if _key_name(k) != "value"][-1] != name:
+      return x
+    hits.append(path)
+    return jnp.full_like(x, value)
+
+  nnx.update(model, jax.tree_util.tree_map_with_path(put, nnx.state(model, nnx.Param)))
+  if not hits:
+    raise ValueError(f"no parameter called {name!r}")
+  return len(hits)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--family", required=True)
@@ -83,6 +100,13 @@ def main() -> None:
   p.add_argument("--batch-size", type=int, default=DEFAULT_BUDGET.batch_size)
   p.add_argument("--lr", type=float, default=DEFAULT_BUDGET.lr)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--set",
+    nargs="*",
+    default=[],
+    metavar="NAME=V",
+    help="after any re-draw, set every parameter called NAME to V (e.g. dt_bias=-9: no decay)",
+  )
   p.add_argument("--ablation", default=None, help="the row's name")
   p.add_argument("--append", action="store_true", help=f"add the row to {ABLATIONS.name}")
   a = p.parse_args()
@@ -97,6 +121,7 @@ def main() -> None:
   overrides = {"chunk_size": 64, **a.overrides}  # as the table: one chunk per sequence
   cfg = zoo.config(a.family, "tiny", **overrides)
 
+  sets = {k: float(v) for k, v in (e.split("=") for e in a.set)}
   build = zoo.build
 
   def build_fla(c, *, rngs):
@@ -104,6 +129,9 @@ def main() -> None:
     if a.init != "repo":
       names = fla_reinit(model, c, jax.random.key(a.seed + 7), convs=a.init == "fla")
       print(f"re-drawn ({len(names)}): {', '.join(names)}", flush=True)
+    for name, v in sets.items():
+      n = set_param(model, name, v)
+      print(f"set {name} = {v} in {n} parameters", flush=True)
     return model
 
   start = time.perf_counter()
@@ -113,7 +141,10 @@ def main() -> None:
     "ablation": a.ablation or f"{a.family} {a.init}-init",
     "family": a.family,
     "overrides": a.overrides,
-    "param_edits": {} if a.init == "repo" else {"init": a.init},
+    "param_edits": {
+      **({} if a.init == "repo" else {"init": a.init}),
+      **{f"{k}:set": v for k, v in sets.items()},
+    },
     "lr": a.lr,
     "steps": a.steps,
     "batch_size": a.batch_size,
