@@ -13,9 +13,12 @@ Builds the MQAR table's model (``pipelines.evaluation.mqar_table``: same task, b
   (``--init fla`` only; ``--init fla-linear`` keeps this repository's convolution init);
 - Mamba-2 only (``rescale_prenorm_residual=True``): ``out_proj`` / ``down_proj`` re-drawn
   ``kaiming_uniform(a=sqrt 5)`` (U(+-1/sqrt(fan_in))) and divided by sqrt(n_layers);
-- left alone: ``A_log``, ``dt_bias``, ``D``, norms (fla draws A_log and dt_bias as this repository
-  already does; norms are ones).
+- left alone: ``A_log``, ``dt_bias``, ``D``, norms (fla draws dt_bias as this repository does,
+  A_log from U(0, 16) for gated DeltaNet where this repository keeps Mamba-2's U(1, 16); norms
+  are ones).
 
+``--init repo`` keeps this repository's initialisation (budget ablations: ``--steps 1500``);
+``--set dt_bias=-9`` then sets a parameter everywhere (softplus(-9) = 1.2e-4: no decay).
 Prints one row in ``docs/mqar/ablations.json``'s format; ``--append`` adds it to that file.
 """
 
