@@ -167,7 +167,7 @@ def _bench(args) -> int:
 def _reproduce(args) -> int:
   from pipelines import reproduce as rp
 
-  known = rp.claims()
+  known = rp.all_claims()
   if args.list:
     for c in known.values():
       print(f"{c.name:<16} ~{c.minutes:g} min  {c.paper}: {c.statement}")

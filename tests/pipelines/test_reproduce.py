@@ -29,7 +29,7 @@ def _toy(holds: bool):
 def toys(monkeypatch):
   found = {c.name: c for c in (_toy(True), _toy(False))}
   monkeypatch.setattr(core, "claims", lambda: found)
-  monkeypatch.setattr(rp, "claims", lambda: found)
+  monkeypatch.setattr(rp, "all_claims", lambda: found)
   return found
 
 
@@ -62,3 +62,13 @@ def test_cli_list_unknown_claim_and_all(toys, tmp_path, capsys):
 def test_every_shipped_claim_is_registered_with_its_paper():
   for name, claim in core.claims().items():
     assert claim.name == name and claim.paper and claim.statement and claim.minutes > 0
+
+
+def test_cli_lists_the_real_claims_after_a_claim_module_is_imported(capsys):
+  # Importing a claim module binds the subpackage ``pipelines.reproduce.claims`` on the package;
+  # the registry must stay callable, as when one process runs several commands.
+  import pipelines.reproduce.claims.streaming_llm  # noqa: F401
+
+  for _ in range(2):
+    assert cli.main(["reproduce", "--list"]) == 0
+    assert "streaming_llm" in capsys.readouterr().out
