@@ -18,7 +18,8 @@ Builds the MQAR table's model (``pipelines.evaluation.mqar_table``: same task, b
   are ones).
 
 ``--init repo`` keeps this repository's initialisation (budget ablations: ``--steps 1500``);
-``--set dt_bias=-9`` then sets a parameter everywhere (softplus(-9) = 1.2e-4: no decay).
+``--set dt_bias=-9`` then sets a parameter everywhere (softplus(-9) = 1.2e-4: no decay;
+``a_log=0``: A = 1 in every head, the same as the config field ``a_init_range=(1, 1)``).
 Prints one row in ``docs/mqar/ablations.json``'s format; ``--append`` adds it to that file.
 """
 

@@ -38,6 +38,8 @@ class Variant:
 # twice: the Llama layout, and with Primer's q/k/v convolutions (``conv_width=3``), the same
 # local mixing every recurrent model here has in front of its memory.
 TRANSFORMER = {"d_model": 64, "n_heads": 4, "n_kv_heads": 4, "d_ff": 128}
+SLOW_DECAY = (0.0, 1.0)
+MAMBA2_HD64 = {"n_layers": 2, "d_ff": 128, "head_dim": 64}
 VARIANTS = (
   Variant("transformer", "transformer", TRANSFORMER),
   Variant("transformer", "transformer", {**TRANSFORMER, "conv_width": 3}),
@@ -58,6 +60,15 @@ VARIANTS = (
   Variant("mom", "mom", {"n_heads": 4, "n_memories": 4, "top_k": 2}),
   Variant("jrt", "jrt", {"feature_dim": 4}),
   Variant("jrt", "jrt", {"feature_dim": 8}),
+  # The decay families again with a slow initial decay, A ~ U(0, 1) (``a_init_range``): with
+  # Mamba-2's U(1, 16) most heads forget a pair within the ~50 tokens before its query, and at
+  # this budget they do not learn to stop (see the README). Mamba-2 here also with its paper's
+  # head width 64 (same state).
+  Variant("gated_deltanet", "gated_deltanet", {"n_heads": 4, "a_init_range": SLOW_DECAY}),
+  Variant("gated_deltanet", "gated_deltanet", {"n_heads": 2, "a_init_range": SLOW_DECAY}),
+  Variant("mamba2", "mamba2", {**MAMBA2_HD64, "d_state": 8, "a_init_range": SLOW_DECAY}),
+  Variant("mamba2", "mamba2", {**MAMBA2_HD64, "d_state": 16, "a_init_range": SLOW_DECAY}),
+  Variant("mom", "mom", {"n_heads": 4, "n_memories": 4, "top_k": 2, "a_init_range": SLOW_DECAY}),
 )
 
 DEFAULT_BUDGET = Budget(steps=500, batch_size=32, lr=3e-3, eval_examples=256)

@@ -166,6 +166,9 @@ def test_presets_build_with_logical_axes(name):
     ("mamba2", {"head_dim": 24}, "head_dim"),
     ("mom", {"top_k": 5}, "top_k"),
     ("jrt", {"window": 0}, "window"),
+    ("gated_deltanet", {"a_init_range": (2.0, 1.0)}, "a_init_range"),
+    ("mamba2", {"a_init_range": (-1.0, 16.0)}, "a_init_range"),
+    ("mom", {"dt_init_range": (0.0, 0.1)}, "dt_init_range"),
   ],
 )
 def test_bad_config_names_the_field(name, bad, field):
@@ -209,6 +212,36 @@ def test_decay_init_follows_mamba2():
   assert np.all((a >= 1.0) & (a <= 16.0)) and abs(a.mean() - 8.5) < 1.0, a
   assert np.all((dt >= 1e-3 * (1 - 1e-4)) & (dt <= 0.1 * (1 + 1e-4))), dt
   assert abs(np.log(dt).mean() - np.log(1e-2)) < 0.3  # log-uniform: mean log is the midpoint
+
+
+def test_decay_init_ranges_reach_every_decay_family():
+  """``a_init_range`` / ``dt_init_range`` (fla's and mamba_ssm's ``A_init_range``, ``dt_min``,
+  ``dt_max``) set the initial decay of gated DeltaNet, Mamba-2 and MoM; the default stays
+  Mamba-2's U(1, 16) with the same draws as ``decay_params`` without ranges."""
+  a_log, dt_bias = decay_params(nnx.Rngs(3), 64, (0.0, 2.0), (1e-4, 1e-3))
+  a = np.exp(np.asarray(a_log[...], np.float64))
+  dt = np.log1p(np.exp(np.asarray(dt_bias[...], np.float64)))
+  assert np.all(np.isfinite(a_log[...])) and np.all((a >= 0) & (a <= 2.0)), a
+  assert np.all((dt >= 1e-4 * (1 - 1e-3)) & (dt <= 1e-3 * (1 + 1e-3))), dt
+  default = decay_params(nnx.Rngs(3), 64)
+  same = decay_params(nnx.Rngs(3), 64, (1.0, 16.0), (1e-3, 1e-1))
+  for x, y in zip(default, same):
+    np.testing.assert_array_equal(x[...], y[...])
+
+  for name, extra in (("gated_deltanet", {}), ("mamba2", {}), ("mom", {"n_memories": 2})):
+    params = {}
+    for label, ranges in (("default", {}), ("slow", {"a_init_range": (1.0, 1.0)})):
+      model = zoo.build(zoo.config(name, "tiny", **extra, **ranges), rngs=0)
+      state = nnx.state(model, nnx.Param)
+      logs = [
+        np.asarray(x)
+        for p, x in jax.tree_util.tree_leaves_with_path(state)
+        if "a_log" in jax.tree_util.keystr(p)
+      ]
+      assert logs, f"{name} has no a_log"
+      params[label] = np.concatenate([x.ravel() for x in logs])
+    np.testing.assert_array_equal(params["slow"], 0.0)  # A = 1 in every head and layer
+    assert params["default"].std() > 0.3, (name, params["default"])  # U(1, 16) spreads
 
 
 def test_gated_delta_layer_matches_a_numpy_recurrence():

@@ -32,6 +32,7 @@ def build_mixers(c: DeltaNetConfig, *, gated: bool, rngs: nnx.Rngs) -> list[nnx.
         feature_map="l2" if c.conv_width else "silu_l2",
         rule="delta",
         decay="gated" if gated else "none",
+        decay_init=(c.a_init_range, c.dt_init_range) if gated else None,
         conv_width=c.conv_width,
         output_norm=True,
         output_gate=c.output_gate,

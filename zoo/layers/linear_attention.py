@@ -73,6 +73,8 @@ class LinearAttention(nnx.Module):
       ``beta = sigmoid(x W_beta)``).
     decay: ``"none"`` or ``"gated"``: per-head data-dependent log decay
       ``g = -exp(A_log) softplus(x W_a + dt_bias)`` (Mamba-2 / gated DeltaNet).
+    decay_init: ``(a_init_range, dt_init_range)`` of the gated decay
+      (:class:`zoo.layers.recurrent_config.DecayInit`); None: Mamba-2's.
     normalize: divide by ``phi(q) . sum phi(k)`` (classic linear attention); needs positive
       feature maps; computed exactly as one extra value column of ones.
     conv_width: short convolution on q, k, v (0 = none).
@@ -92,6 +94,7 @@ class LinearAttention(nnx.Module):
     feature_map: FeatureMap = "identity",
     rule: Literal["additive", "delta"] = "additive",
     decay: Literal["none", "gated"] = "none",
+    decay_init: tuple[tuple[float, float], tuple[float, float]] | None = None,
     normalize: bool = False,
     conv_width: int = 0,
     output_norm: bool = False,
@@ -121,7 +124,7 @@ class LinearAttention(nnx.Module):
       self.w_beta = param(rngs, init, (d_model, H), ("embed", "heads"))
     if decay == "gated":
       self.w_a = param(rngs, init, (d_model, H), ("embed", "heads"))
-      self.a_log, self.dt_bias = decay_params(rngs, H)
+      self.a_log, self.dt_bias = decay_params(rngs, H, *(decay_init or ()))
     self.conv = (
       nnx.Dict(
         {
@@ -273,15 +276,24 @@ class LinearAttention(nnx.Module):
     return self._output(x, o), new_state
 
 
-def decay_params(rngs: nnx.Rngs, n_heads: int) -> tuple[nnx.Param, nnx.Param]:
-  """Mamba-2's ``A_log`` (``A`` uniform in [1, 16]) and ``dt_bias`` (``softplus`` of it log-
-  uniform in [1e-3, 1e-1]), both ``[H]``."""
+def decay_params(
+  rngs: nnx.Rngs,
+  n_heads: int,
+  a_init_range: tuple[float, float] = (1.0, 16.0),
+  dt_init_range: tuple[float, float] = (1e-3, 1e-1),
+) -> tuple[nnx.Param, nnx.Param]:
+  """Mamba-2's ``A_log`` (``A`` uniform in ``a_init_range``) and ``dt_bias`` (``softplus`` of it
+  log-uniform in ``dt_init_range``), both ``[H]``; the defaults are Mamba-2's."""
+  a_lo, a_hi = a_init_range
+  dt_lo, dt_hi = dt_init_range
 
   def a_init(key, shape, dtype):
-    return jnp.log(jax.random.uniform(key, shape, dtype, 1.0, 16.0))
+    # A = 0 (allowed at the bottom of the range, as fla's U(0, 16)) would make A_log -inf.
+    a = jax.random.uniform(key, shape, dtype, a_lo, a_hi)
+    return jnp.log(jnp.maximum(a, jnp.finfo(dtype).tiny))
 
   def dt_init(key, shape, dtype):
-    dt = jnp.exp(jax.random.uniform(key, shape, dtype, np.log(1e-3), np.log(1e-1)))
+    dt = jnp.exp(jax.random.uniform(key, shape, dtype, np.log(dt_lo), np.log(dt_hi)))
     return dt + jnp.log(-jnp.expm1(-dt))  # inverse softplus
 
   return (

@@ -86,6 +86,34 @@ class RecurrentLMConfig:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+@config_dataclass
+class DecayInit:
+  """How the families with Mamba-2's decay ``g = -exp(A_log) softplus(x W_a + dt_bias)`` (gated
+  DeltaNet, Mamba-2, MoM) draw it at initialisation: ``A_init_range`` and ``dt_min, dt_max`` of
+  ``mamba_ssm`` and fla. A mixin: the family config checks it in its ``__post_init__``.
+
+  Attributes:
+    a_init_range: ``A = exp(A_log)`` uniform in ``[lo, hi]`` per head, ``0 <= lo <= hi``.
+      Mamba-2's ``(1, 16)`` by default (fla's gated DeltaNet and MoM draw ``(0, 16)``). A
+      lower range starts with a longer memory: per token a head keeps
+      ``exp(-A softplus(x W_a + dt_bias))`` of what it holds.
+    dt_init_range: ``softplus(dt_bias)`` log-uniform in ``[lo, hi]`` per head, ``0 < lo <= hi``.
+  """
+
+  a_init_range: tuple[float, float] = (1.0, 16.0)
+  dt_init_range: tuple[float, float] = (1e-3, 1e-1)
+
+  def check_decay_init(self) -> None:
+    lo, hi = self.a_init_range
+    if not 0 <= lo <= hi:
+      raise ValueError(f"a_init_range must be (lo, hi) with 0 <= lo <= hi, got {self.a_init_range}")
+    lo, hi = self.dt_init_range
+    if not 0 < lo <= hi:
+      raise ValueError(
+        f"dt_init_range must be (lo, hi) with 0 < lo <= hi, got {self.dt_init_range}"
+      )
+
+
 def presets(cls: type[RecurrentLMConfig]) -> dict[str, Callable[..., Any]]:
   """``{"tiny", "small", "base"}`` constructors of ``cls``: the shared sizes, then the family's
   ``PRESET_FIELDS[name]``, then the caller's overrides."""

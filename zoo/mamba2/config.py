@@ -5,15 +5,16 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 from zoo.configbase import config_dataclass
-from zoo.layers.recurrent_config import RecurrentLMConfig, presets
+from zoo.layers.recurrent_config import DecayInit, RecurrentLMConfig, presets
 
 
 @config_dataclass
-class Mamba2Config(RecurrentLMConfig):
+class Mamba2Config(RecurrentLMConfig, DecayInit):
   """Mamba-2 stack (one group of B/C shared by all heads), optionally hybrid with attention.
 
   Shared fields: :class:`zoo.layers.recurrent_config.RecurrentLMConfig` (``d_ff`` defaults to 0:
-  no MLP, as in Mamba-2; ``conv_width`` convolves x, B, C).
+  no MLP, as in Mamba-2; ``conv_width`` convolves x, B, C) and the decay's initialisation
+  :class:`zoo.layers.recurrent_config.DecayInit`.
 
   Attributes:
     d_state: SSM state width N per head (the key dim of the memory).
@@ -38,6 +39,7 @@ class Mamba2Config(RecurrentLMConfig):
 
   def __post_init__(self):
     super().__post_init__()
+    self.check_decay_init()
     self.check_positive("d_state", "expand", "head_dim", "attention_heads")
     if self.d_inner % self.head_dim:
       raise ValueError(f"head_dim={self.head_dim} must divide d_inner={self.d_inner}")

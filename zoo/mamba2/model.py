@@ -35,7 +35,7 @@ class Mamba2Mixer(nnx.Module):
     self.w_b = param(rngs, init, (D, N), ("embed", "state"))
     self.w_c = param(rngs, init, (D, N), ("embed", "state"))
     self.w_dt = param(rngs, init, (D, H), ("embed", "heads"))
-    self.a_log, self.dt_bias = decay_params(rngs, H)
+    self.a_log, self.dt_bias = decay_params(rngs, H, c.a_init_range, c.dt_init_range)
     self.d_skip = param(rngs, jax.nn.initializers.ones, (H,), ("heads",))
     width = c.conv_width
     self.conv = (

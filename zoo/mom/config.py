@@ -6,14 +6,15 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 from zoo.configbase import config_dataclass
-from zoo.layers.recurrent_config import RecurrentLMConfig, presets
+from zoo.layers.recurrent_config import DecayInit, RecurrentLMConfig, presets
 
 
 @config_dataclass
-class MoMConfig(RecurrentLMConfig):
+class MoMConfig(RecurrentLMConfig, DecayInit):
   """MoM stack: each layer holds ``n_memories`` routed memories (+ one shared memory).
 
-  Shared fields: :class:`zoo.layers.recurrent_config.RecurrentLMConfig`.
+  Shared fields: :class:`zoo.layers.recurrent_config.RecurrentLMConfig`, and the decay's
+  initialisation :class:`zoo.layers.recurrent_config.DecayInit` (with ``gated``).
 
   Attributes:
     n_heads: heads H per memory.
@@ -42,6 +43,7 @@ class MoMConfig(RecurrentLMConfig):
 
   def __post_init__(self):
     super().__post_init__()
+    self.check_decay_init()
     self.check_positive("n_heads", "n_memories", "top_k")
     if self.top_k > self.n_memories:
       raise ValueError(f"top_k={self.top_k} must be <= n_memories={self.n_memories}")

@@ -58,7 +58,7 @@ class MoMMixer(nnx.Module):
       self.w_beta = param(rngs, init, (M, D, H), (None, "embed", "heads"))
     if c.gated:
       self.w_a = param(rngs, init, (M, D, H), (None, "embed", "heads"))
-      self.a_log, self.dt_bias = decay_params(rngs, M * H)
+      self.a_log, self.dt_bias = decay_params(rngs, M * H, c.a_init_range, c.dt_init_range)
     width = c.conv_width
     self.conv = (
       nnx.Dict(
