@@ -376,8 +376,9 @@ def test_mqar_table_trains_and_scores():
     token_range=(0, 16),
     families=("mamba2",),
   )
-  assert [r["label"] for r in rows] == ["mamba2", "mamba2"]
-  assert rows[0]["state"] < rows[1]["state"]
+  # Two state sizes with Mamba-2's initial decay, then the same two with the slow one.
+  assert [r["label"] for r in rows] == ["mamba2"] * 4
+  assert rows[0]["state"] < rows[1]["state"] and rows[2]["state"] < rows[3]["state"]
   # Each row's accuracy is that of training and scoring the same model and seed directly.
   from pipelines.evaluation.mqar_table import VARIANTS
   from pipelines.tasks.mqar import MQAR
