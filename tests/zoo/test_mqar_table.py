@@ -17,12 +17,12 @@ one (A ~ U(0, 1); seed 0: 0.116).
 
 import pytest
 
-from pipelines.evaluation.mqar_table import SLOW_DECAY, Variant, mqar_table
+from pipelines.evaluation.mqar_table import MAMBA2_HD64, SLOW_DECAY, Variant, mqar_table
 
 DELTANET = Variant("deltanet", "deltanet", {"n_heads": 2})
 LINEAR = Variant("linear attention", "based", {"feature_dim": 5, "attention_layers": ()})
 GDN4 = Variant("gated_deltanet", "gated_deltanet", {"n_heads": 4})
-MAMBA2 = {"n_layers": 2, "d_ff": 128, "head_dim": 64, "d_state": 16}
+MAMBA2 = {**MAMBA2_HD64, "d_state": 16}
 MAMBA2_PAPER = Variant("mamba2", "mamba2", MAMBA2)
 MAMBA2_SLOW = Variant("mamba2", "mamba2", {**MAMBA2, "a_init_range": SLOW_DECAY})
 GDN4_SLOW = Variant("gated_deltanet", "gated_deltanet", {"n_heads": 4, "a_init_range": (1.0, 1.0)})

@@ -22,6 +22,7 @@ from zoo.layers import parallel
 from zoo.layers.conv import ShortConv
 from zoo.layers.norms import RMSNorm
 from zoo.layers.params import fan_in, param
+from zoo.layers.recurrent_config import A_INIT_RANGE, DT_INIT_RANGE
 
 FeatureMap = Literal["identity", "taylor", "elu", "relu", "l2", "silu_l2"]
 
@@ -279,8 +280,8 @@ class LinearAttention(nnx.Module):
 def decay_params(
   rngs: nnx.Rngs,
   n_heads: int,
-  a_init_range: tuple[float, float] = (1.0, 16.0),
-  dt_init_range: tuple[float, float] = (1e-3, 1e-1),
+  a_init_range: tuple[float, float] = A_INIT_RANGE,
+  dt_init_range: tuple[float, float] = DT_INIT_RANGE,
 ) -> tuple[nnx.Param, nnx.Param]:
   """Mamba-2's ``A_log`` (``A`` uniform in ``a_init_range``) and ``dt_bias`` (``softplus`` of it
   log-uniform in ``dt_init_range``), both ``[H]``; the defaults are Mamba-2's."""

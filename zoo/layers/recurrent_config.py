@@ -86,6 +86,11 @@ class RecurrentLMConfig:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+# Mamba-2's initial decay: A ~ U(1, 16), softplus(dt_bias) log-uniform in [1e-3, 0.1].
+A_INIT_RANGE = (1.0, 16.0)
+DT_INIT_RANGE = (1e-3, 1e-1)
+
+
 @config_dataclass
 class DecayInit:
   """How the families with Mamba-2's decay ``g = -exp(A_log) softplus(x W_a + dt_bias)`` (gated
@@ -100,8 +105,8 @@ class DecayInit:
     dt_init_range: ``softplus(dt_bias)`` log-uniform in ``[lo, hi]`` per head, ``0 < lo <= hi``.
   """
 
-  a_init_range: tuple[float, float] = (1.0, 16.0)
-  dt_init_range: tuple[float, float] = (1e-3, 1e-1)
+  a_init_range: tuple[float, float] = A_INIT_RANGE
+  dt_init_range: tuple[float, float] = DT_INIT_RANGE
 
   def check_decay_init(self) -> None:
     lo, hi = self.a_init_range
